@@ -1,0 +1,33 @@
+# Two commands set everything up: `make run` serves, `make test` tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ADDR ?= 127.0.0.1:8080
+# Local development only: a well-known key that must never sign a real token.
+DEV_SECRET := local-development-secret--DO-NOT-USE-IN-PRODUCTION
+DEV_SCOPES := container:read container:run container:delete
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+run: $(BIN)/.installed
+	@echo "Serving on http://$(ADDR) (static backend, LOCAL DEVELOPMENT SECRET)."
+	@echo "In another shell:"
+	@echo "  export BUS_CONTAINERS_JWT_SECRET='$(DEV_SECRET)'"
+	@echo "  TOKEN=\$$($(BIN)/bus-api-provider-containers token --subject demo-account --scope '$(DEV_SCOPES)')"
+	@echo "  curl -sS -H \"Authorization: Bearer \$$TOKEN\" http://$(ADDR)/api/v1/containers/status"
+	BUS_CONTAINERS_JWT_SECRET='$(DEV_SECRET)' $(BIN)/bus-api-provider-containers --backend static --addr $(ADDR)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

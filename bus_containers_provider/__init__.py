@@ -1,0 +1,39 @@
+"""bus-api-provider-containers: account-isolated container runs over the Bus Events API."""
+from typing import Mapping, Optional, Union
+
+from flask import Flask
+
+from .config import Settings, load_settings
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> Flask:
+    """Build the app from Settings, from a mapping of environment variables, or from os.environ.
+
+    Nothing here starts a thread or opens a socket; `start(app)` does, per worker.
+    """
+    settings = config if isinstance(config, Settings) else load_settings(config)
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+
+    from . import errors, provider
+    from .routes import health, runner, runs
+
+    errors.init_app(app)
+    provider.init_app(app, settings)
+    app.register_blueprint(runs.bp)
+    app.register_blueprint(runner.bp)
+    app.register_blueprint(health.bp)
+    return app
+
+
+def start(app: Flask) -> None:
+    """Start the app's background listeners (in a worker, after fork)."""
+    app.extensions["bus_containers"].start()
+
+
+def stop(app: Flask) -> None:
+    """Stop the app's background listeners and close their connections."""
+    app.extensions["bus_containers"].stop()

@@ -1,0 +1,114 @@
+"""Bearer-token verification (HS256 through joserfc, authlib's JOSE library) and the route guard."""
+import functools
+import time
+from dataclasses import dataclass
+
+from flask import current_app, g, request
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import OctKey
+
+from .config import INTERNAL_AUDIENCE, PUBLIC_AUDIENCE
+from .errors import Forbidden, InvalidAuth
+
+MAX_TOKEN_BYTES = 8 * 1024
+IAT_SKEW_SECONDS = 60
+ALGORITHMS = ["HS256"]
+# Headers that point at keys elsewhere or demand extensions we do not implement.
+REFUSED_HEADERS = frozenset({"crit", "jwk", "jku", "x5u", "x5c", "kid_url"})
+AUDIENCES = frozenset({PUBLIC_AUDIENCE, INTERNAL_AUDIENCE})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the account is the token's sub, never anything in the request."""
+
+    account: str
+    scopes: frozenset
+
+
+class _Claims(jwt.JWTClaimsRegistry):
+    """exp and nbf are strict; iat may run ahead of our clock by IAT_SKEW_SECONDS."""
+
+    def validate_iat(self, value):
+        _SKEWED.validate_iat(value)
+
+
+_SKEWED = jwt.JWTClaimsRegistry(leeway=IAT_SKEW_SECONDS)
+# Claim checks are opt-in in joserfc: every claim we rely on is essential.
+_CLAIMS = _Claims(**{name: {"essential": True} for name in ("sub", "aud", "exp", "iat")})
+
+
+class TokenVerifier:
+    """Verifies compact HS256 tokens for one audience at a time."""
+
+    def __init__(self, secret: bytes):
+        self._key = OctKey.import_key(secret)
+
+    def verify(self, token: str, audience: str) -> Principal:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise InvalidAuth("bearer token is too large")
+        try:
+            decoded = jwt.decode(token, self._key, algorithms=ALGORITHMS)
+            header, claims = decoded.header, decoded.claims
+            _CLAIMS.validate(claims)
+        except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            # Malformed input surfaces as plain Python errors too; all of it is a bad token.
+            raise InvalidAuth("bearer token is invalid or expired") from None
+        if REFUSED_HEADERS & set(header) or header.get("alg") not in ALGORITHMS:
+            raise InvalidAuth("bearer token header is not accepted")
+        return Principal(_subject(claims), _scopes(claims, audience))
+
+
+def _subject(claims) -> str:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub.strip():
+        raise InvalidAuth("bearer token has no subject")
+    return sub
+
+
+def _scopes(claims, audience) -> frozenset:
+    aud = claims.get("aud")
+    audiences = {aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else None
+    if not audiences or not all(isinstance(a, str) for a in audiences):
+        raise InvalidAuth("bearer token audience is malformed")
+    # One token, one trust zone: a token for both zones is trusted in neither.
+    if AUDIENCES <= audiences or audience not in audiences:
+        raise InvalidAuth("bearer token is not for this audience")
+    scope = claims.get("scope", "")
+    if not isinstance(scope, str):
+        raise InvalidAuth("bearer token scope must be a space-separated string")
+    return frozenset(scope.split())
+
+
+def mint_token(secret: bytes, subject: str, scope: str, audience: str = PUBLIC_AUDIENCE,
+               ttl: float = 3600, now: float = None) -> str:
+    """A compact HS256 token for local development and tests."""
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": subject, "aud": audience, "scope": scope, "iat": issued, "exp": issued + int(ttl)}
+    return jwt.encode({"alg": "HS256", "typ": "JWT"}, claims, OctKey.import_key(secret))
+
+
+def _bearer() -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidAuth("missing bearer token")
+    return token.strip()
+
+
+def requires(scope: str, audience: str = PUBLIC_AUDIENCE):
+    """Route guard: a valid token for `audience` (else 401) holding `scope` (else 403)."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        def guarded(*args, **kwargs):
+            verifier = current_app.extensions["bus_containers"].verifier
+            principal = verifier.verify(_bearer(), audience)
+            if scope not in principal.scopes:
+                raise Forbidden(f"the token lacks the {scope} scope")
+            g.principal = principal
+            return view(*args, **kwargs)
+
+        return guarded
+
+    return decorator

@@ -1,0 +1,127 @@
+"""Console script: serve the provider under gunicorn, or mint a local development token."""
+import argparse
+import logging
+import os
+import sys
+
+from .config import (
+    BACKENDS, BILLING_BACKENDS, PUBLIC_AUDIENCE, USAGE_BACKENDS, ConfigError, load_secret, load_settings,
+    parse_duration,
+)
+
+PROG = "bus-api-provider-containers"
+
+ENVIRONMENT_HELP = """\
+environment:
+  BUS_CONTAINERS_JWT_SECRET       HS256 key for caller tokens (both audiences), at least
+                                  32 bytes; 'base64:XYZ' is decoded. Fallback: BUS_API_JWT_SECRET
+  BUS_API_TOKEN                   the provider's bearer token for the Events API (needed by
+                                  any events backend; never pass it as a flag)
+  BUS_EVENTS_LISTENER_REQUIRED=1  readiness waits for every reply listener
+  BUS_EVENTS_LISTENER_RETRY=1     reconnect reply listeners with exponential backoff between
+  BUS_EVENTS_LISTENER_RETRY_MIN   (default 1s) and
+  BUS_EVENTS_LISTENER_RETRY_MAX   (default 30s)
+  BUS_EVENTS_LISTENER_DOWN_GRACE  how long waiting requests survive a dropped reply stream
+                                  before failing 503 (default 3s)
+  Every flag also reads the variable named in its help; the flag wins.
+
+commands:
+  token   mint a local development token: %(prog)s token --subject ACCOUNT --scope "..."
+"""
+
+
+class _Duration:
+    """argparse type for durations; the error names the accepted forms."""
+
+    __name__ = "duration"
+
+    def __call__(self, text):
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENVIRONMENT_HELP,
+        description="Serve the Bus container API provider under gunicorn (gthread).",
+    )
+    add = parser.add_argument
+    add("--addr", metavar="HOST:PORT", help="listen address (BUS_CONTAINERS_ADDR, default 127.0.0.1:8080)")
+    add("--backend", choices=BACKENDS, help="container backend (BUS_CONTAINERS_BACKEND, default static)")
+    add("--events-url", metavar="URL", help="Bus Events API root (BUS_EVENTS_API_URL)")
+    add("--usage-backend", choices=USAGE_BACKENDS,
+        help="usage recording (BUS_CONTAINERS_USAGE_BACKEND, default none)")
+    add("--billing-backend", choices=BILLING_BACKENDS,
+        help="entitlement check before runs (BUS_CONTAINERS_BILLING_BACKEND, default none)")
+    add("--request-timeout", type=_Duration(), metavar="DURATION",
+        help="reply wait for non-run requests (BUS_CONTAINERS_REQUEST_TIMEOUT, default 30s)")
+    add("--run-timeout-grace", type=_Duration(), metavar="DURATION",
+        help="added to timeout_seconds for a run's reply wait (BUS_CONTAINERS_RUN_TIMEOUT_GRACE, default 30s)")
+    add("--max-run-timeout", type=_Duration(), metavar="DURATION",
+        help="largest accepted timeout_seconds (BUS_CONTAINERS_MAX_RUN_TIMEOUT, default 3600s)")
+    add("--workers", type=int, metavar="N",
+        help="gunicorn worker processes (BUS_CONTAINERS_WORKERS, default 2; 1 with the static backend)")
+    add("--threads", type=int, metavar="N", help="request threads per worker (BUS_CONTAINERS_THREADS, default 32)")
+    return parser
+
+
+def _token_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} token",
+        description="Print a local development token signed with BUS_CONTAINERS_JWT_SECRET.",
+    )
+    parser.add_argument("--subject", required=True, help="account id (the token's sub)")
+    parser.add_argument("--scope", required=True, help='space-separated scopes, e.g. "container:read container:run"')
+    parser.add_argument("--audience", default=PUBLIC_AUDIENCE, help=f"token audience (default {PUBLIC_AUDIENCE})")
+    parser.add_argument("--ttl", type=_Duration(), default=3600.0, metavar="DURATION", help="lifetime (default 1h)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def mint(argv) -> int:
+    from .auth import mint_token
+
+    args = _token_parser().parse_args(argv)
+    try:
+        secret = load_secret(os.environ)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if not args.subject.strip():
+        return _fail("--subject must not be empty")
+    print(mint_token(secret, args.subject, args.scope, args.audience, args.ttl))
+    return 0
+
+
+def serve(argv) -> int:
+    args = _serve_parser().parse_args(argv)
+    try:
+        settings = load_settings(os.environ, **vars(args))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(PROG)
+    log.info("configuration: %s", settings.redacted())
+    if settings.backend == "static" and settings.effective_workers > 1:
+        log.warning("the static backend keeps runs per process; with %d workers callers "
+                    "see a different run list per worker", settings.effective_workers)
+    from .serving import ProviderApplication
+
+    ProviderApplication(settings).run()
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        return mint(argv[1:])
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

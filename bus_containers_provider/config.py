@@ -1,0 +1,185 @@
+"""Settings from flags and the environment, validated once at start-up."""
+import base64
+import binascii
+import dataclasses
+import os
+import re
+from typing import Mapping, Optional
+
+PUBLIC_AUDIENCE = "ai.hg.fi/api"
+INTERNAL_AUDIENCE = "ai.hg.fi/internal"
+
+BACKENDS = ("static", "events")
+USAGE_BACKENDS = ("none", "events", "memory")
+BILLING_BACKENDS = ("none", "events")
+
+# RFC 8725 §3.5: an HMAC key must carry at least as many bits as the hash.
+MIN_SECRET_BYTES = 32
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the provider cannot run with."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `1500ms`, `30s`, `5m`, `1h`, or a bare number of seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (use 1500ms, 30s, 5m, 1h or seconds)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def decode_secret(value: str) -> bytes:
+    """`base64:XYZ` is decoded; any other value is the key as UTF-8 text."""
+    if value.startswith("base64:"):
+        try:
+            return base64.b64decode(value[len("base64:"):], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("is not valid base64") from exc
+    return value.encode("utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the provider needs to serve; secrets never appear in repr."""
+
+    jwt_secret: bytes = dataclasses.field(repr=False)
+    addr: str = "127.0.0.1:8080"
+    backend: str = "static"
+    events_url: Optional[str] = None
+    usage_backend: str = "none"
+    billing_backend: str = "none"
+    request_timeout: float = 30.0
+    run_timeout_grace: float = 30.0
+    max_run_timeout: float = 3600.0
+    workers: Optional[int] = None
+    threads: int = 32
+    api_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    listener_required: bool = False
+    listener_retry: bool = False
+    listener_retry_min: float = 1.0
+    listener_retry_max: float = 30.0
+    # How long requests keep waiting on a reply stream that dropped before
+    # they fail; short, so a dead stream never holds a run for its whole timeout.
+    listener_down_grace: float = 3.0
+
+    @property
+    def uses_events(self) -> bool:
+        return "events" in (self.backend, self.usage_backend, self.billing_backend)
+
+    @property
+    def effective_workers(self) -> int:
+        # Static runs live in process memory, so one worker keeps them coherent.
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.backend == "static" else 2
+
+    def redacted(self) -> dict:
+        """The effective configuration, safe to log."""
+        shown = dataclasses.asdict(self)
+        shown["jwt_secret"] = "<redacted>"
+        shown["api_token"] = "<redacted>" if self.api_token else None
+        return shown
+
+    def validate(self) -> "Settings":
+        _choice("--backend", self.backend, BACKENDS)
+        _choice("--usage-backend", self.usage_backend, USAGE_BACKENDS)
+        _choice("--billing-backend", self.billing_backend, BILLING_BACKENDS)
+        if len(self.jwt_secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes (RFC 8725 §3.5)")
+        if self.uses_events and not self.events_url:
+            raise ConfigError("an events backend needs --events-url (or BUS_EVENTS_API_URL)")
+        if self.uses_events and not self.api_token:
+            raise ConfigError("an events backend needs BUS_API_TOKEN in the environment")
+        for flag, value in (("--workers", self.workers), ("--threads", self.threads)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be at least 1")
+        for flag, value in (
+            ("--request-timeout", self.request_timeout),
+            ("--max-run-timeout", self.max_run_timeout),
+            ("BUS_EVENTS_LISTENER_RETRY_MIN", self.listener_retry_min),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{flag} must be greater than zero")
+        if self.listener_retry_max < self.listener_retry_min:
+            raise ConfigError("BUS_EVENTS_LISTENER_RETRY_MAX must not be below BUS_EVENTS_LISTENER_RETRY_MIN")
+        _host_port(self.addr)
+        return self
+
+
+def _choice(flag: str, value: str, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{flag} must be one of {', '.join(accepted)} (got {value!r})")
+
+
+def _host_port(addr: str) -> tuple:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--addr must be HOST:PORT (got {addr!r})")
+    return host, int(port)
+
+
+def trim_events_url(url: Optional[str]) -> Optional[str]:
+    """The Events API root, whether or not the URL already names /api/v1/events."""
+    if not url:
+        return None
+    url = url.rstrip("/")
+    suffix = "/api/v1/events"
+    return url[: -len(suffix)] if url.endswith(suffix) else url
+
+
+# Environment variable -> (settings field, parser). Flags use the same parsers.
+ENVIRONMENT = {
+    "BUS_CONTAINERS_ADDR": ("addr", str),
+    "BUS_CONTAINERS_BACKEND": ("backend", str),
+    "BUS_EVENTS_API_URL": ("events_url", str),
+    "BUS_CONTAINERS_USAGE_BACKEND": ("usage_backend", str),
+    "BUS_CONTAINERS_BILLING_BACKEND": ("billing_backend", str),
+    "BUS_CONTAINERS_REQUEST_TIMEOUT": ("request_timeout", parse_duration),
+    "BUS_CONTAINERS_RUN_TIMEOUT_GRACE": ("run_timeout_grace", parse_duration),
+    "BUS_CONTAINERS_MAX_RUN_TIMEOUT": ("max_run_timeout", parse_duration),
+    "BUS_CONTAINERS_WORKERS": ("workers", int),
+    "BUS_CONTAINERS_THREADS": ("threads", int),
+    "BUS_API_TOKEN": ("api_token", str),
+    "BUS_EVENTS_LISTENER_REQUIRED": ("listener_required", lambda v: v.strip() == "1"),
+    "BUS_EVENTS_LISTENER_RETRY": ("listener_retry", lambda v: v.strip() == "1"),
+    "BUS_EVENTS_LISTENER_RETRY_MIN": ("listener_retry_min", parse_duration),
+    "BUS_EVENTS_LISTENER_RETRY_MAX": ("listener_retry_max", parse_duration),
+    "BUS_EVENTS_LISTENER_DOWN_GRACE": ("listener_down_grace", parse_duration),
+}
+
+SECRET_VARIABLES = ("BUS_CONTAINERS_JWT_SECRET", "BUS_API_JWT_SECRET")
+
+
+def load_secret(env: Mapping[str, str]) -> bytes:
+    """The HS256 key, from the first secret variable that is set."""
+    for name in SECRET_VARIABLES:
+        if env.get(name):
+            try:
+                secret = decode_secret(env[name])
+            except ValueError as exc:
+                raise ConfigError(f"{name} {exc}") from exc
+            if len(secret) < MIN_SECRET_BYTES:
+                raise ConfigError(f"{name} must be at least {MIN_SECRET_BYTES} bytes (RFC 8725 §3.5)")
+            return secret
+    raise ConfigError(f"{SECRET_VARIABLES[0]} is not set (fallback {SECRET_VARIABLES[1]})")
+
+
+def load_settings(env: Optional[Mapping[str, str]] = None, **overrides) -> Settings:
+    """Settings from the environment, then flag overrides, validated."""
+    env = os.environ if env is None else env
+    values = {}
+    for variable, (field, parse) in ENVIRONMENT.items():
+        raw = env.get(variable)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[field] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{variable}: {exc}") from exc
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    values["events_url"] = trim_events_url(values.get("events_url"))
+    return Settings(jwt_secret=load_secret(env), **values).validate()

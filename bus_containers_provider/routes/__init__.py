@@ -1,0 +1,1 @@
+"""Blueprints: public runs and status, internal runner, health."""

@@ -1,0 +1,16 @@
+"""Readiness, for load balancers and orchestrators; no auth."""
+from flask import Blueprint, current_app
+
+from ..errors import Unavailable
+from ..schemas import ready_schema
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/readyz")
+def readyz():
+    """200 when every reply listener the enabled backends need is connected."""
+    missing = current_app.extensions["bus_containers"].not_ready()
+    if missing:
+        raise Unavailable("reply listeners not connected: " + ", ".join(sorted(missing)))
+    return ready_schema.dump({"ok": True})

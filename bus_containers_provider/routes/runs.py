@@ -1,0 +1,82 @@
+"""Public container API: status, run creation, run reads and deletion (ai.hg.fi/api)."""
+import json
+import uuid
+
+from flask import Blueprint, current_app, g, request
+from marshmallow import ValidationError
+
+from ..auth import requires
+from ..backends import RunRequest
+from ..errors import BadRequest, UnsupportedMediaType
+from ..schemas import delete_result_schema, items_schema, run_request_schema, run_result_schema, status_item_schema
+
+bp = Blueprint("runs", __name__, url_prefix="/api/v1/containers")
+
+
+def _provider():
+    return current_app.extensions["bus_containers"]
+
+
+def _json_object() -> dict:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType()
+    try:
+        # json.loads refuses trailing data after the document, as the contract asks.
+        body = json.loads(request.get_data(cache=False))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _validation_message(errors: dict) -> str:
+    parts = []
+    for name, problems in sorted(errors.items(), key=lambda kv: str(kv[0])):
+        text = "; ".join(str(p) for p in problems) if isinstance(problems, list) else str(problems)
+        parts.append(text if name == "_schema" else f"{name}: {text}")
+    return "; ".join(parts)
+
+
+@bp.get("/status")
+@requires("container:read")
+def status():
+    """Container status and the runs visible to the caller."""
+    return items_schema.dump({"items": _provider().backend.status(g.principal.account)})
+
+
+@bp.post("/runs")
+@requires("container:run")
+def create_run():
+    """Run one container in the foreground and answer with its result."""
+    try:
+        body = run_request_schema.load(_json_object())
+    except ValidationError as exc:
+        raise BadRequest(_validation_message(exc.messages)) from None
+    provider = _provider()
+    limit = provider.settings.max_run_timeout
+    if body.get("timeout_seconds", 0) > limit:
+        raise BadRequest(f"timeout_seconds must be at most {int(limit)}")
+    run = RunRequest(run_id=f"run_{uuid.uuid4().hex}", owner_account_id=g.principal.account, **body)
+    return run_result_schema.dump(provider.run(run))
+
+
+@bp.get("/runs")
+@requires("container:read")
+def list_runs():
+    """The caller's runs."""
+    return items_schema.dump({"items": _provider().backend.runs(g.principal.account)})
+
+
+@bp.get("/runs/<run_id>")
+@requires("container:read")
+def read_run(run_id):
+    """One of the caller's runs; another account's run id is not found."""
+    return status_item_schema.dump(_provider().backend.get_run(g.principal.account, run_id))
+
+
+@bp.delete("/runs/<run_id>")
+@requires("container:delete")
+def delete_run(run_id):
+    """Delete or cancel one of the caller's runs."""
+    return delete_result_schema.dump(_provider().backend.delete(g.principal.account, run_id))

@@ -1,0 +1,167 @@
+"""Every request and reply shape, declared once and instantiated once per shape."""
+from marshmallow import (
+    EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema,
+)
+
+
+
+class RunRequestSchema(Schema):
+    """Body of POST /runs: a profile and/or an image, and the command to run."""
+
+    class Meta:
+        unknown = RAISE
+
+    profile = fields.String(validate=validate.Length(min=1, max=256))
+    image = fields.String(validate=validate.Length(min=1, max=1024))
+    command = fields.List(fields.String())
+    args = fields.List(fields.String())
+    timeout_seconds = fields.Integer(strict=True, validate=validate.Range(min=0))
+
+    @validates_schema
+    def _needs_target(self, data, **kwargs):
+        if "profile" not in data and "image" not in data:
+            raise ValidationError("profile or image is required", "_schema")
+        if "profile" not in data and not (data.get("command") or data.get("args")):
+            raise ValidationError("image runs need a command (there is no portable default)", "command")
+
+    @post_load
+    def _command_from_args(self, data, **kwargs):
+        # args is the older name of command; command wins when both are sent.
+        args = data.pop("args", None)
+        if data.get("command") is None:
+            data["command"] = args or []
+        return data
+
+
+class RuntimeSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    state = fields.String(required=True)
+    provider = fields.String(required=True)
+
+
+class RunResultSchema(Schema):
+    """A finished run, as answered to the caller and as read from a run reply."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    run_id = fields.String(required=True)
+    owner_account_id = fields.String(required=True)
+    runner_name = fields.String(required=True)
+    image = fields.String(required=True)
+    args = fields.List(fields.String(), required=True)
+    exit_code = fields.Integer(strict=True, required=True)
+    stdout = fields.String(required=True)
+    stderr = fields.String(required=True)
+    duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0))
+    runtime = fields.Nested(RuntimeSchema, required=True)
+
+    @pre_load
+    def _owner_synonym(self, data, **kwargs):
+        return _owner_from_identity(data)
+
+
+class StatusItemSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True)
+    state = fields.String(required=True)
+    owner_account_id = fields.String()
+    details = fields.Dict(keys=fields.String())
+
+    @pre_load
+    def _owner_synonym(self, data, **kwargs):
+        return _owner_from_identity(data)
+
+
+class ItemsSchema(Schema):
+    """Status and run listings: {"items": [...]}."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    items = fields.List(fields.Nested(StatusItemSchema), required=True)
+
+
+class DeleteResultSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    run_id = fields.String(required=True)
+    owner_account_id = fields.String(required=True)
+
+    @pre_load
+    def _owner_synonym(self, data, **kwargs):
+        return _owner_from_identity(data)
+
+
+class RunnerStateSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    state = fields.String(required=True)
+    provider = fields.String(required=True)
+    details = fields.Dict(keys=fields.String(), load_default=dict)
+
+
+class RunnerStatusSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.Nested(RunnerStateSchema, required=True)
+
+
+class RunnerStartSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    accepted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    action = fields.String(load_default="start")
+
+
+class RunnerDeleteSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
+
+
+class ReadySchema(Schema):
+    ok = fields.Boolean(required=True)
+
+
+class ErrorBodySchema(Schema):
+    type = fields.String(required=True)
+    message = fields.String(required=True)
+    action = fields.String()
+    command = fields.String()
+    details = fields.Dict(keys=fields.String())
+
+
+class ErrorSchema(Schema):
+    """The one error envelope: {"error": {"type", "message", "action"?, "command"?}}."""
+
+    error = fields.Nested(ErrorBodySchema, required=True)
+
+
+def _owner_from_identity(data):
+    # Integrations may name the owner owner_identity_id; it means the same account.
+    if isinstance(data, dict) and "owner_account_id" not in data and "owner_identity_id" in data:
+        data = dict(data, owner_account_id=data["owner_identity_id"])
+    return data
+
+
+run_request_schema = RunRequestSchema()
+run_result_schema = RunResultSchema()
+status_item_schema = StatusItemSchema()
+items_schema = ItemsSchema()
+delete_result_schema = DeleteResultSchema()
+runner_status_schema = RunnerStatusSchema()
+runner_start_schema = RunnerStartSchema()
+runner_delete_schema = RunnerDeleteSchema()
+ready_schema = ReadySchema()
+error_schema = ErrorSchema()
