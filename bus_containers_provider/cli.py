@@ -30,6 +30,13 @@ commands:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Start-up errors are one line (the usage is one --help away), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class _Duration:
     """argparse type for durations; the error names the accepted forms."""
 
@@ -43,7 +50,7 @@ class _Duration:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENVIRONMENT_HELP,
         description="Serve the Bus container API provider under gunicorn (gthread).",
     )
@@ -68,7 +75,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def _token_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"{PROG} token",
         description="Print a local development token signed with BUS_CONTAINERS_JWT_SECRET.",
     )

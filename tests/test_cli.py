@@ -1,0 +1,97 @@
+"""The console script and gunicorn.conf.py: flags, start-up errors, and serving over real sockets."""
+import subprocess
+
+import pytest
+import requests
+
+from conftest import SECRET, bearer
+from processes import SCRIPT, console_script, gunicorn_conf, provider_env
+
+
+def run_script(*args, **env_overrides):
+    env = provider_env(**env_overrides)
+    for name, value in env_overrides.items():
+        if value is None:
+            env.pop(name)
+    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_help_documents_every_flag_and_variable():
+    text = run_script("--help").stdout
+    for name in ("--addr", "--backend", "--events-url", "--usage-backend", "--billing-backend",
+                 "--request-timeout", "--run-timeout-grace", "--max-run-timeout", "--workers", "--threads",
+                 "BUS_CONTAINERS_ADDR", "BUS_CONTAINERS_BACKEND", "BUS_EVENTS_API_URL",
+                 "BUS_CONTAINERS_USAGE_BACKEND", "BUS_CONTAINERS_BILLING_BACKEND",
+                 "BUS_CONTAINERS_REQUEST_TIMEOUT", "BUS_CONTAINERS_RUN_TIMEOUT_GRACE",
+                 "BUS_CONTAINERS_MAX_RUN_TIMEOUT", "BUS_CONTAINERS_WORKERS", "BUS_CONTAINERS_THREADS",
+                 "BUS_CONTAINERS_JWT_SECRET", "BUS_API_JWT_SECRET", "BUS_API_TOKEN",
+                 "BUS_EVENTS_LISTENER_REQUIRED", "BUS_EVENTS_LISTENER_RETRY",
+                 "BUS_EVENTS_LISTENER_RETRY_MIN", "BUS_EVENTS_LISTENER_RETRY_MAX", "token"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("args,env,named", [
+    (["--backend", "docker"], {}, "--backend"),
+    (["--usage-backend", "disk"], {}, "--usage-backend"),
+    (["--billing-backend", "memory"], {}, "--billing-backend"),
+    (["--request-timeout", "soon"], {}, "--request-timeout"),
+    (["--workers", "many"], {}, "--workers"),
+    (["--workers", "0"], {}, "--workers"),
+    (["--addr", "nohost"], {}, "--addr"),
+    ([], {"BUS_CONTAINERS_BACKEND": "docker"}, "--backend"),
+    ([], {"BUS_CONTAINERS_REQUEST_TIMEOUT": "soon"}, "BUS_CONTAINERS_REQUEST_TIMEOUT"),
+    ([], {"BUS_CONTAINERS_JWT_SECRET": None}, "BUS_CONTAINERS_JWT_SECRET"),
+    ([], {"BUS_CONTAINERS_JWT_SECRET": "short"}, "BUS_CONTAINERS_JWT_SECRET"),
+    ([], {"BUS_CONTAINERS_JWT_SECRET": "base64:not base64!"}, "BUS_CONTAINERS_JWT_SECRET"),
+    ([], {"BUS_CONTAINERS_JWT_SECRET": None, "BUS_API_JWT_SECRET": "short"}, "BUS_API_JWT_SECRET"),
+    (["--backend", "events"], {}, "--events-url"),
+    (["--backend", "events", "--events-url", "http://127.0.0.1:9"], {}, "BUS_API_TOKEN"),
+    (["--usage-backend", "events"], {}, "--events-url"),
+])
+def test_bad_configuration_fails_at_start_with_exit_2(args, env, named):
+    result = run_script(*args, **env)
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_secret_can_be_base64_and_fallback_variable():
+    import base64
+
+    encoded = "base64:" + base64.b64encode(SECRET.encode()).decode()
+    result = run_script("token", "--subject", "a", "--scope", "container:read",
+                        BUS_CONTAINERS_JWT_SECRET=None, BUS_API_JWT_SECRET=encoded)
+    assert result.returncode == 0 and result.stdout.count(".") == 2
+
+
+def test_console_script_serves_the_app_over_http():
+    headers = bearer()
+    with console_script() as provider:
+        run = requests.post(f"{provider.url}/api/v1/containers/runs", headers=headers, timeout=10,
+                            json={"image": "alpine:latest", "command": ["sh", "-c", "printf OK"]})
+        assert run.status_code == 200 and run.json()["image"] == "alpine:latest"
+        listed = requests.get(f"{provider.url}/api/v1/containers/runs", headers=headers, timeout=10).json()
+        assert [item["id"] for item in listed["items"]] == [run.json()["run_id"]]
+        bad = requests.post(f"{provider.url}/api/v1/containers/runs", timeout=10, data="{oops",
+                            headers=dict(headers, **{"Content-Type": "application/json"}))
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "bad_request"
+    assert provider.returncode == 0
+    assert headers["Authorization"].split()[1] not in provider.output
+
+
+def test_gunicorn_conf_serves_the_same_app_from_the_environment():
+    with gunicorn_conf() as provider:
+        status = requests.get(f"{provider.url}/api/v1/containers/status", headers=bearer(), timeout=10)
+        assert status.status_code == 200 and status.json()["items"][0] == {"id": "static", "state": "ready"}
+        anonymous = requests.get(f"{provider.url}/api/v1/containers/status", timeout=10)
+        assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_static_backend_serves_one_worker_unless_told():
+    with console_script() as provider:
+        pass
+    assert provider.output.count("Booting worker") == 1
+    with console_script("--workers", "2") as provider:
+        pass
+    assert provider.output.count("Booting worker") == 2
+    assert "static backend keeps runs per process" in provider.output
