@@ -15,7 +15,10 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
     """
     settings = config if isinstance(config, Settings) else load_settings(config)
     app = Flask(__name__)
-    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    # Every answer is the JSON contract: no automatic OPTIONS page, no HTML slash redirects.
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, PROVIDE_AUTOMATIC_OPTIONS=False)
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
     app.json.sort_keys = False
 
     from . import errors, provider

@@ -52,7 +52,7 @@ class TokenVerifier:
             decoded = jwt.decode(token, self._key, algorithms=ALGORITHMS)
             header, claims = decoded.header, decoded.claims
             _CLAIMS.validate(claims)
-        except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
             # Malformed input surfaces as plain Python errors too; all of it is a bad token.
             raise InvalidAuth("bearer token is invalid or expired") from None
         if REFUSED_HEADERS & set(header) or header.get("alg") not in ALGORITHMS:
