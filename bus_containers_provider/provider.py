@@ -40,8 +40,22 @@ class Provider:
         return self.bus.disconnected()
 
 
+def _reply_names(settings: Settings) -> list:
+    from .backends import events
+    from .bus import reply_name_for
+
+    names = []
+    if settings.backend == "events":
+        names += [reply_name_for(name) for name in events.REQUESTS]
+    return names
+
+
 def init_app(app, settings: Settings) -> Provider:
     bus = None
+    if settings.uses_events:
+        from .bus import Bus
+
+        bus = Bus(settings, _reply_names(settings))
     provider = Provider(settings, TokenVerifier(settings.jwt_secret), create_backend(settings, bus), bus)
     app.extensions["bus_containers"] = provider
     return provider

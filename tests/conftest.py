@@ -40,3 +40,41 @@ def app(app_env):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+EVENTS_TOKEN = "provider-events-token"
+WORKER_TOKEN = "worker-events-token"
+
+
+@pytest.fixture
+def events_server():
+    """A real Bus Events API on 127.0.0.1 (tests/eventsapi), stopped after the test."""
+    from eventsapi import EventsServer
+
+    server = EventsServer(tokens={EVENTS_TOKEN: None, WORKER_TOKEN: None}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def responder(events_server):
+    """Integration workers answering bus.containers.*, usage and billing requests."""
+    from eventsapi import Responder
+
+    worker = Responder(events_server.url, WORKER_TOKEN).start()
+    yield worker
+    worker.stop()
+
+
+def events_env(server, **extra) -> dict:
+    return env(BUS_CONTAINERS_BACKEND="events", BUS_EVENTS_API_URL=server.url, BUS_API_TOKEN=EVENTS_TOKEN,
+               BUS_EVENTS_LISTENER_RETRY="1", BUS_EVENTS_LISTENER_RETRY_MIN="50ms",
+               BUS_EVENTS_LISTENER_RETRY_MAX="500ms", BUS_EVENTS_LISTENER_DOWN_GRACE="1s",
+               BUS_CONTAINERS_REQUEST_TIMEOUT="3s", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="2s", **extra)
+
+
+def connected(app, timeout=5.0):
+    """Wait, bounded, until every reply listener of `app` is connected."""
+    bus = app.extensions["bus_containers"].bus
+    assert bus.wait_connected(timeout), f"listeners not connected: {bus.disconnected()}"
+    return app

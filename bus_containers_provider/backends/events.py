@@ -1,0 +1,74 @@
+"""Backend that delegates every action to integration workers over the Bus Events API."""
+from marshmallow import ValidationError
+
+from ..errors import BadGateway, RunNotFound
+from ..schemas import (
+    delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
+    runner_status_schema,
+)
+from .base import Backend, RunRequest, check_owner
+
+STATUS = "bus.containers.status.request"
+RUN = "bus.containers.run.request"
+DELETE = "bus.containers.delete.request"
+RUNNER_STATUS = "bus.containers.runner.status.request"
+RUNNER_START = "bus.containers.runner.start.request"
+RUNNER_DELETE = "bus.containers.runner.delete.request"
+REQUESTS = (STATUS, RUN, DELETE, RUNNER_STATUS, RUNNER_START, RUNNER_DELETE)
+
+
+def reply_payload(envelope: dict, schema, what: str) -> dict:
+    """The validated payload of a reply envelope; an envelope error or bad shape is a 502."""
+    error = envelope.get("error")
+    if error is not None:
+        kind = error.get("type", error.get("code")) if isinstance(error, dict) else None
+        if kind == "not_found":
+            raise RunNotFound()
+        message = error.get("message") if isinstance(error, dict) else None
+        raise BadGateway(f"the container integration failed the {what}" + (f": {message}" if message else ""))
+    payload = envelope.get("payload")
+    if not isinstance(payload, dict):
+        raise BadGateway(f"the {what} reply has no payload object")
+    try:
+        return schema.load(payload)
+    except ValidationError:
+        raise BadGateway(f"the {what} reply is malformed") from None
+
+
+class EventsBackend(Backend):
+    def __init__(self, bus, settings):
+        self._bus = bus
+        self._settings = settings
+
+    def _ask(self, request_name, payload, schema, what, timeout=None):
+        envelope = self._bus.request(request_name, payload, timeout or self._settings.request_timeout)
+        return reply_payload(envelope, schema, what)
+
+    def status_items(self, account):
+        return self._ask(STATUS, {"owner_account_id": account}, items_schema, "status")["items"]
+
+    def run(self, request: RunRequest):
+        payload = {"run_id": request.run_id, "owner_account_id": request.owner_account_id,
+                   "command": list(request.command)}
+        for key in ("profile", "image", "timeout_seconds"):
+            if getattr(request, key) is not None:
+                payload[key] = getattr(request, key)
+        # 0 or absent means "the integration's limit", so wait for the longest run we accept.
+        wait = (request.timeout_seconds or self._settings.max_run_timeout) + self._settings.run_timeout_grace
+        return self._ask(RUN, payload, run_result_schema, "run", timeout=wait)
+
+    def delete(self, account, run_id):
+        result = self._ask(DELETE, {"run_id": run_id, "owner_account_id": account}, delete_result_schema, "delete")
+        check_owner(result, account)
+        if not result["deleted"]:
+            raise BadGateway("the container integration did not delete the run")
+        return result
+
+    def runner_status(self):
+        return self._ask(RUNNER_STATUS, {}, runner_status_schema, "runner status")
+
+    def runner_start(self):
+        return self._ask(RUNNER_START, {}, runner_start_schema, "runner start")
+
+    def runner_delete(self):
+        return self._ask(RUNNER_DELETE, {}, runner_delete_schema, "runner delete")

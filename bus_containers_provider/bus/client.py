@@ -1,0 +1,151 @@
+"""Bus Events API client: publish events and read NDJSON reply streams (requests)."""
+import json
+import logging
+import threading
+from typing import Callable, Iterator, Optional
+
+import requests
+import urllib3
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/api/v1/events"
+# A reply line carries a whole run result; far larger is a broken stream, not a reply.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+READ_CHUNK = 64 * 1024
+
+
+class EventsError(Exception):
+    """Base of every failure to use the Events API."""
+
+
+class EventsUnavailable(EventsError):
+    """Unreachable, timed out, or a 5xx; trying again later is safe for streams.
+
+    A publish that timed out may still have been delivered, so a caller that
+    retries a publish must be prepared for the event to arrive twice.
+    """
+
+
+class EventsRejected(EventsError):
+    """The API refused our request with a 4xx; the same request will be refused again."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def unauthorized(self) -> bool:
+        """401/403: the provider's own token is missing, wrong, or lacks the event's resource."""
+        return self.status in (401, 403)
+
+
+class StreamBroken(EventsUnavailable):
+    """The stream sent something that is not NDJSON envelopes; reconnecting is safe."""
+
+
+class EventsClient:
+    """Publishes with one Session per thread; streams with a Session per listener."""
+
+    def __init__(self, base_url: str, token: str, connect_timeout: float = 5.0, publish_timeout: float = 30.0):
+        self._url = base_url.rstrip("/") + EVENTS_PATH
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._timeouts = (connect_timeout, publish_timeout)
+        self._connect_timeout = connect_timeout
+        self._local = threading.local()
+        self._sessions = []
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"EventsClient({self._url!r})"  # never the token
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def publish(self, name: str, correlation_id: str, payload: dict) -> None:
+        body = {"name": name, "correlationId": correlation_id, "payload": payload}
+        try:
+            response = self._session().post(self._url, json=body, headers=self._headers, timeout=self._timeouts)
+        except requests.Timeout as exc:
+            raise EventsUnavailable(f"publishing {name} timed out") from exc
+        except requests.RequestException as exc:
+            raise EventsUnavailable(f"publishing {name} failed: {type(exc).__name__}") from exc
+        _check(response, f"publishing {name}")
+
+    def stream(self, name: str, idle_timeout: float, on_open: Callable[[object], None] = lambda r: None,
+               session: Optional[requests.Session] = None) -> Iterator[dict]:
+        """Envelopes from the broadcast stream of `name`, until it ends (a clean return).
+
+        Silence longer than `idle_timeout` ends the stream too, quietly: the API
+        sends no heartbeat, so a quiet stream and a dead one look the same.
+        `on_open` receives the raw response once connected, so another thread
+        can interrupt a blocked read with `raw.shutdown()`.
+        """
+        session = session or self._session()
+        params = {"name": name, "delivery": "broadcast"}
+        try:
+            response = session.get(f"{self._url}/stream", params=params, headers=self._headers, stream=True,
+                                   timeout=(self._connect_timeout, idle_timeout))
+        except requests.RequestException as exc:
+            raise EventsUnavailable(f"opening the {name} stream failed: {type(exc).__name__}") from exc
+        with response:
+            _check(response, f"opening the {name} stream")
+            on_open(response.raw)
+            yield from _envelopes(response.raw, name)
+
+
+def _envelopes(raw, name: str) -> Iterator[dict]:
+    # Bytes, split on b"\n" ourselves: iter_lines waits for a full chunk, and
+    # decode_unicode would split JSON strings on U+2028.
+    partial, size = [], 0
+    while True:
+        try:
+            chunk = raw.read1(READ_CHUNK)
+        except urllib3.exceptions.ReadTimeoutError:
+            return
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise EventsUnavailable(f"the {name} stream dropped: {type(exc).__name__}") from exc
+        if not chunk:
+            return
+        if b"\n" not in chunk:
+            partial.append(chunk)
+            size += len(chunk)
+            if size > MAX_LINE_BYTES:
+                raise StreamBroken(f"the {name} stream sent a line over {MAX_LINE_BYTES} bytes")
+            continue
+        *lines, rest = b"".join(partial + [chunk]).split(b"\n")
+        partial, size = [rest], len(rest)
+        for line in lines:
+            envelope = _parse(line, name) if line.strip() else None
+            if envelope is not None:
+                yield envelope
+
+
+def _parse(line: bytes, name: str) -> Optional[dict]:
+    try:
+        envelope = json.loads(line)
+    except ValueError:
+        envelope = None
+    if not isinstance(envelope, dict):
+        log.warning("ignoring a line that is not a JSON envelope on the %s stream", name)
+        return None
+    return envelope
+
+
+def _check(response: requests.Response, what: str) -> None:
+    if response.status_code in (200, 201, 202):
+        return
+    if 400 <= response.status_code < 500:
+        raise EventsRejected(response.status_code, f"{what}: the Events API answered {response.status_code}")
+    raise EventsUnavailable(f"{what}: the Events API answered {response.status_code}")

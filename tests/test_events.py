@@ -1,0 +1,202 @@
+"""--backend events through the Flask client, against a real Events API and responder."""
+import time
+
+import pytest
+
+from conftest import INTERNAL, bearer, connected, events_env
+
+RUNS = "/api/v1/containers/runs"
+STATUS = "/api/v1/containers/status"
+RUNNER = "/api/internal/containers/runner"
+REQUEST_NAMES = ["bus.containers.status.request", "bus.containers.run.request", "bus.containers.delete.request"]
+
+
+@pytest.fixture
+def app_env(events_server):
+    return events_env(events_server)
+
+
+@pytest.fixture
+def client(app, responder):
+    return connected(app).test_client()
+
+
+def run(client, subject="acct-a", **body):
+    if "profile" not in body and "image" not in body:
+        body = {"image": "alpine", "command": ["echo", "hello"], **body}
+    return client.post(RUNS, headers=bearer(subject), json=body)
+
+
+def error_type(response):
+    return response.get_json()["error"]["type"]
+
+
+def test_run_is_delegated_and_answered(client, events_server):
+    response = run(client, timeout_seconds=20)
+    assert response.status_code == 200
+    result = response.get_json()
+    assert result["owner_account_id"] == "acct-a" and result["stdout"] == "echo hello"
+    assert result["runner_name"] == "responder" and result["runtime"]["provider"] == "responder"
+    [published] = events_server.published("bus.containers.run.request")
+    assert published["payload"] == {"run_id": result["run_id"], "owner_account_id": "acct-a",
+                                    "image": "alpine", "command": ["echo", "hello"], "timeout_seconds": 20}
+    assert published["correlationId"]
+
+
+def test_non_zero_exit_is_still_a_200(client):
+    response = run(client, profile="exit:3", args=["false"])
+    assert response.status_code == 200
+    assert response.get_json()["exit_code"] == 3
+
+
+@pytest.mark.parametrize("profile", ["owner-identity", "snake-correlation"])
+def test_reply_synonyms_are_accepted(client, profile):
+    response = run(client, profile=profile, args=["true"])
+    assert response.status_code == 200 and response.get_json()["owner_account_id"] == "acct-a"
+
+
+def test_reply_for_another_owner_is_403_and_never_shown(client):
+    response = run(client, profile="wrong-owner", args=["secret-output"])
+    assert response.status_code == 403 and error_type(response) == "forbidden"
+    assert b"someone-else" not in response.data and b"secret-output" not in response.data
+
+
+@pytest.mark.parametrize("profile,status,kind", [("malformed", 502, "bad_gateway"), ("error", 502, "bad_gateway")])
+def test_bad_replies_are_502(client, profile, status, kind):
+    response = run(client, profile=profile)
+    assert response.status_code == status and error_type(response) == kind
+
+
+def test_no_reply_is_503_after_the_run_wait(client, app):
+    started = time.monotonic()
+    response = run(client, profile="never", timeout_seconds=1)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 503 and error_type(response) == "unavailable"
+    assert 2.5 <= elapsed < 10  # timeout_seconds (1) + grace (2), bounded
+    assert app.extensions["bus_containers"].bus.registry.pending() == 0
+
+
+def test_status_is_filtered_to_the_caller(client):
+    mine = run(client).get_json()["run_id"]
+    theirs = run(client, "acct-b").get_json()["run_id"]
+    items = client.get(STATUS, headers=bearer()).get_json()["items"]
+    assert {"id": "runner-1", "state": "ready"} in items
+    ids = {item["id"] for item in items}
+    assert mine in ids and theirs not in ids and "run_other" not in ids
+    assert [i["id"] for i in client.get(RUNS, headers=bearer()).get_json()["items"]] == [mine]
+    assert client.get(f"{RUNS}/{mine}", headers=bearer()).status_code == 200
+    assert client.get(f"{RUNS}/{mine}", headers=bearer("acct-b")).status_code == 404
+    assert client.get(f"{RUNS}/run_other", headers=bearer()).status_code == 404
+
+
+def test_delete_own_foreign_and_unknown(client):
+    mine = run(client).get_json()["run_id"]
+    foreign = client.delete(f"{RUNS}/{mine}", headers=bearer("acct-b"))
+    assert foreign.status_code == 403 and error_type(foreign) == "forbidden"
+    assert mine.encode() not in foreign.data
+    deleted = client.delete(f"{RUNS}/{mine}", headers=bearer())
+    assert deleted.status_code == 200
+    assert deleted.get_json() == {"deleted": True, "run_id": mine, "owner_account_id": "acct-a"}
+    unknown = client.delete(f"{RUNS}/{mine}", headers=bearer())
+    assert unknown.status_code == 404 and error_type(unknown) == "not_found"
+
+
+def test_internal_runner_routes(client, events_server):
+    admin = bearer("operator", "container:admin", INTERNAL)
+    assert client.get(RUNNER, headers=admin).get_json()["status"]["provider"] == "responder"
+    assert client.post(RUNNER, headers=admin).status_code == 202
+    assert client.delete(RUNNER, headers=admin).get_json() == {"deleted": True}
+    for name in ("status", "start", "delete"):
+        [event] = events_server.published(f"bus.containers.runner.{name}.request")
+        assert event["payload"] == {}
+
+
+def test_one_stream_per_reply_name(client, events_server):
+    for name in ("status", "run", "delete", "runner.status", "runner.start", "runner.delete"):
+        assert events_server.open_streams(f"bus.containers.{name}.response") == 1
+
+
+def test_events_api_down_is_503_quickly(client, events_server, app):
+    events_server.fail_publish(503)
+    started = time.monotonic()
+    response = run(client)
+    assert response.status_code == 503 and error_type(response) == "unavailable"
+    assert time.monotonic() - started < 3
+    assert app.extensions["bus_containers"].bus.registry.pending() == 0
+
+
+@pytest.mark.parametrize("status,expected", [(400, 502), (401, 503), (403, 503), (500, 503)])
+def test_publish_refusals_map_to_502_or_503(client, events_server, status, expected):
+    events_server.fail_publish(status)
+    assert client.get(STATUS, headers=bearer()).status_code == expected
+
+
+def test_dropped_stream_reconnects_and_serves_again(client, events_server):
+    name = "bus.containers.run.response"
+    opened = events_server.streams_opened(name)
+    assert events_server.drop_streams(name) == 1
+    deadline = time.monotonic() + 5
+    while not (events_server.streams_opened(name) > opened and events_server.open_streams(name) == 1):
+        assert time.monotonic() < deadline, "the listener did not reconnect"
+        time.sleep(0.02)
+    assert run(client, timeout_seconds=1).status_code == 200
+
+
+def test_waiters_fail_fast_when_the_stream_stays_down(app, events_server, responder):
+    client = connected(app).test_client()
+    events_server.fail_streams(503)
+    events_server.drop_streams()
+    started = time.monotonic()
+    response = run(client, profile="never", timeout_seconds=60)
+    assert response.status_code == 503
+    assert time.monotonic() - started < 5  # the down grace (1s), not the 62 s run wait
+    events_server.reset_faults()
+    connected(app)
+    assert run(client).status_code == 200
+
+
+class TestReadiness:
+    @pytest.fixture
+    def app_env(self, events_server):
+        return events_env(events_server, BUS_EVENTS_LISTENER_REQUIRED="1")
+
+    def test_readyz_names_missing_listeners_until_connected(self, app, events_server):
+        client = app.test_client()
+        connected(app)
+        assert client.get("/readyz").get_json() == {"ok": True}
+        events_server.fail_streams(503)
+        events_server.drop_streams("bus.containers.delete.response")
+        deadline = time.monotonic() + 5
+        while (response := client.get("/readyz")).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert response.status_code == 503 and error_type(response) == "unavailable"
+        assert "bus.containers.delete.response" in response.get_json()["error"]["message"]
+        assert "bus.containers.run.response" not in response.get_json()["error"]["message"]
+        events_server.reset_faults()
+        connected(app)
+        assert client.get("/readyz").status_code == 200
+
+
+class TestWithoutRetry:
+    @pytest.fixture
+    def app_env(self, events_server):
+        return dict(events_env(events_server), BUS_EVENTS_LISTENER_RETRY="0", BUS_EVENTS_LISTENER_REQUIRED="1")
+
+    def test_a_failed_listener_stays_down(self, app, events_server):
+        connected(app)
+        events_server.fail_streams(503)
+        events_server.drop_streams("bus.containers.status.response")
+        time.sleep(1.5)
+        events_server.reset_faults()
+        time.sleep(0.5)
+        response = app.test_client().get("/readyz")
+        assert response.status_code == 503
+        assert app.test_client().get(STATUS, headers=bearer()).status_code == 503
+
+
+def test_events_url_with_api_suffix_is_trimmed(events_server):
+    from bus_containers_provider import create_app
+
+    app = create_app(dict(events_env(events_server), BUS_EVENTS_API_URL=events_server.url + "/api/v1/events/"))
+    assert app.extensions["bus_containers"].settings.events_url == events_server.url
