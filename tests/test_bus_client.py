@@ -1,0 +1,155 @@
+"""Events client error paths (responses) and the waiter registry as units."""
+import json
+import threading
+
+import pytest
+import requests
+import responses
+
+from bus_containers_provider.bus.client import (
+    MAX_LINE_BYTES, EventsClient, EventsRejected, EventsUnavailable, StreamBroken,
+)
+from bus_containers_provider.bus.replies import ReplyRegistry
+from bus_containers_provider.errors import Unavailable
+
+BASE = "http://events.test"
+PUBLISH = f"{BASE}/api/v1/events"
+STREAM = f"{BASE}/api/v1/events/stream"
+TOKEN = "secret-provider-token"
+
+
+@pytest.fixture
+def client():
+    events = EventsClient(BASE, TOKEN, connect_timeout=1, publish_timeout=1)
+    yield events
+    events.close()
+
+
+@responses.activate
+def test_publish_sends_the_envelope_with_the_bearer(client):
+    responses.post(PUBLISH, status=202, json={"accepted": True, "id": "1", "name": "a.request"})
+    client.publish("a.request", "cid-1", {"x": 1})
+    sent = responses.calls[0].request
+    assert json.loads(sent.body) == {"name": "a.request", "correlationId": "cid-1", "payload": {"x": 1}}
+    assert sent.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+@responses.activate
+@pytest.mark.parametrize("failure,expected", [
+    (requests.ConnectionError("refused"), EventsUnavailable),
+    (requests.ConnectTimeout("slow"), EventsUnavailable),
+    (requests.ReadTimeout("slow"), EventsUnavailable),
+])
+def test_publish_transport_failures_are_unavailable(client, failure, expected):
+    responses.post(PUBLISH, body=failure)
+    with pytest.raises(expected) as raised:
+        client.publish("a.request", "cid", {})
+    assert TOKEN not in str(raised.value)
+
+
+@responses.activate
+@pytest.mark.parametrize("status,expected,unauthorized", [
+    (400, EventsRejected, False), (401, EventsRejected, True), (403, EventsRejected, True),
+    (404, EventsRejected, False), (500, EventsUnavailable, None), (503, EventsUnavailable, None),
+])
+def test_publish_statuses(client, status, expected, unauthorized):
+    responses.post(PUBLISH, status=status, json={"error": "no"})
+    with pytest.raises(expected) as raised:
+        client.publish("a.request", "cid", {})
+    if unauthorized is not None:
+        assert raised.value.unauthorized is unauthorized and raised.value.status == status
+
+
+@responses.activate
+def test_stream_yields_envelopes_and_skips_junk(client):
+    lines = [
+        json.dumps({"id": "1", "name": "a.response", "correlationId": "c1", "payload": {"s": "x\u2028y"}},
+                   ensure_ascii=False),
+        "not json", "[1, 2]", "",
+        json.dumps({"id": "2", "name": "a.response", "correlation_id": "c2", "payload": {}}),
+    ]
+    responses.get(STREAM, body="\n".join(lines).encode() + b"\n", content_type="application/x-ndjson")
+    envelopes = list(client.stream("a.response", idle_timeout=1))
+    assert [e["id"] for e in envelopes] == ["1", "2"]
+    assert envelopes[0]["payload"]["s"] == "x\u2028y"
+    assert "name=a.response" in responses.calls[0].request.url
+    assert "delivery=broadcast" in responses.calls[0].request.url
+
+
+@responses.activate
+@pytest.mark.parametrize("status,expected", [(401, EventsRejected), (403, EventsRejected), (400, EventsRejected),
+                                             (502, EventsUnavailable)])
+def test_stream_refusals(client, status, expected):
+    responses.get(STREAM, status=status)
+    with pytest.raises(expected):
+        list(client.stream("a.response", idle_timeout=1))
+
+
+@responses.activate
+def test_stream_connection_failure_is_unavailable(client):
+    responses.get(STREAM, body=requests.ConnectionError("refused"))
+    with pytest.raises(EventsUnavailable):
+        list(client.stream("a.response", idle_timeout=1))
+
+
+@responses.activate
+def test_an_endless_line_breaks_the_stream(client):
+    responses.get(STREAM, body=b"x" * (MAX_LINE_BYTES + 70_000))
+    with pytest.raises(StreamBroken):
+        list(client.stream("a.response", idle_timeout=1))
+
+
+def test_repr_never_shows_the_token(client):
+    assert TOKEN not in repr(client)
+
+
+def test_publish_sessions_are_per_thread(client):
+    sessions = []
+    threads = [threading.Thread(target=lambda: sessions.append(client._session())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len({id(s) for s in sessions}) == 3
+
+
+class TestRegistry:
+    def test_reply_reaches_its_waiter_once(self):
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        assert registry.resolve("a.response", {"correlationId": "c1", "payload": {"n": 1}})
+        assert not registry.resolve("a.response", {"correlationId": "c1", "payload": {"n": 2}})
+        assert waiter.wait(1)["payload"] == {"n": 1}
+        assert registry.pending() == 0
+
+    def test_unknown_other_name_and_malformed_replies_are_dropped(self):
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        assert not registry.resolve("a.response", {"correlationId": "nobody"})
+        assert not registry.resolve("b.response", {"correlationId": "c1"})
+        assert not registry.resolve("a.response", {"correlationId": 5})
+        assert not registry.resolve("a.response", {})
+        assert registry.pending() == 1
+        registry.discard(waiter)
+        assert registry.pending() == 0
+        assert not registry.resolve("a.response", {"correlationId": "c1"})  # late
+
+    def test_wait_times_out_as_unavailable(self):
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        with pytest.raises(Unavailable):
+            waiter.wait(0.05)
+
+    def test_mark_down_fails_waiters_of_that_name_and_refuses_new_ones(self):
+        registry = ReplyRegistry()
+        a = registry.register("a.response", "c1")
+        b = registry.register("b.response", "c2")
+        registry.mark_down("a.response", "stream ended")
+        with pytest.raises(Unavailable):
+            a.wait(1)
+        with pytest.raises(Unavailable):
+            registry.register("a.response", "c3")
+        assert registry.pending() == 1 and registry.resolve("b.response", {"correlationId": "c2"})
+        assert b.wait(1) == {"correlationId": "c2"}
+        registry.mark_up("a.response")
+        assert registry.register("a.response", "c4")
