@@ -1,12 +1,14 @@
-"""The per-app parts: settings, token verifier, backend, usage, billing, Events bus."""
+"""The per-app parts (settings, verifier, backend, usage, billing, Events bus) and the run flow."""
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .auth import TokenVerifier
-from .backends import Backend, create_backend
+from .backends import Backend, RunRequest, create_backend
 from .backends.base import check_owner
+from .billing import EventsBilling, NoBilling
 from .config import Settings
+from .usage import FAILED, FINISHED, REQUESTED, EventsUsage, MemoryUsage, NoUsage, usage_event
 
 log = logging.getLogger(__name__)
 
@@ -16,22 +18,20 @@ class Provider:
     settings: Settings
     verifier: TokenVerifier
     backend: Backend
+    usage: NoUsage
+    billing: NoBilling
     bus: Optional[object] = None
-    _started: bool = field(default=False, repr=False)
 
     def start(self) -> None:
-        if self.bus is not None and not self._started:
+        """Open reply streams and background work; once per worker, after fork."""
+        if self.bus is not None:
             self.bus.start()
-        self._started = True
+        self.usage.start()
 
     def stop(self) -> None:
-        if self.bus is not None and self._started:
+        self.usage.stop()
+        if self.bus is not None:
             self.bus.stop()
-        self._started = False
-
-    def run(self, request) -> dict:
-        """Delegate one run and refuse a result that names another owner."""
-        return check_owner(self.backend.run(request), request.owner_account_id)
 
     def not_ready(self) -> list:
         """Names of the reply listeners readiness still waits for."""
@@ -39,15 +39,19 @@ class Provider:
             return []
         return self.bus.disconnected()
 
-
-def _reply_names(settings: Settings) -> list:
-    from .backends import events
-    from .bus import reply_name_for
-
-    names = []
-    if settings.backend == "events":
-        names += [reply_name_for(name) for name in events.REQUESTS]
-    return names
+    def run(self, run: RunRequest) -> dict:
+        """Entitlement, then a usage record, then the run; no billing answer or no record means no run."""
+        self.billing.check(run.owner_account_id)
+        self.usage.record(usage_event(REQUESTED, run, {
+            key: getattr(run, key) for key in ("profile", "timeout_seconds") if getattr(run, key) is not None}))
+        try:
+            result = check_owner(self.backend.run(run), run.owner_account_id)
+        except Exception as exc:
+            self.usage.record_later(usage_event(FAILED, run, {"reason": getattr(exc, "type", "internal_error")}))
+            raise
+        self.usage.record_later(usage_event(FINISHED, run, {
+            "duration_ms": result["duration_ms"], "exit_code": result["exit_code"], "image": result["image"]}))
+        return result
 
 
 def init_app(app, settings: Settings) -> Provider:
@@ -55,7 +59,13 @@ def init_app(app, settings: Settings) -> Provider:
     if settings.uses_events:
         from .bus import Bus
 
-        bus = Bus(settings, _reply_names(settings))
-    provider = Provider(settings, TokenVerifier(settings.jwt_secret), create_backend(settings, bus), bus)
+        bus = Bus(settings)
+    usage = {"none": NoUsage, "memory": MemoryUsage}.get(settings.usage_backend)
+    usage = usage() if usage else EventsUsage(bus, settings.request_timeout)
+    billing = EventsBilling(bus, settings.request_timeout) if settings.billing_backend == "events" else NoBilling()
+    backend = create_backend(settings, bus)
+    if bus is not None:
+        bus.listen_for(*backend.reply_names, *usage.reply_names, *billing.reply_names)
+    provider = Provider(settings, TokenVerifier(settings.jwt_secret), backend, usage, billing, bus)
     app.extensions["bus_containers"] = provider
     return provider

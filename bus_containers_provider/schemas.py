@@ -130,6 +130,31 @@ class RunnerDeleteSchema(Schema):
     deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
 
 
+class QuotaSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    feature = fields.String(required=True)
+    meter = fields.String(required=True)
+    window = fields.String(required=True)
+    used = fields.Float(required=True)
+    limit = fields.Float(required=True)
+
+
+class BillingReplySchema(Schema):
+    """bus.billing.entitlement.check.response payload."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    allowed = fields.Boolean(required=True, truthy={True}, falsy={False})
+    reason = fields.String()
+    action = fields.String()
+    command = fields.String()
+    message = fields.String()
+    quota = fields.Nested(QuotaSchema)
+
+
 class ReadySchema(Schema):
     ok = fields.Boolean(required=True)
 
@@ -163,5 +188,6 @@ delete_result_schema = DeleteResultSchema()
 runner_status_schema = RunnerStatusSchema()
 runner_start_schema = RunnerStartSchema()
 runner_delete_schema = RunnerDeleteSchema()
+billing_reply_schema = BillingReplySchema()
 ready_schema = ReadySchema()
 error_schema = ErrorSchema()

@@ -24,6 +24,8 @@ class RunRequest:
 class Backend:
     """Status, runs and runner lifecycle; results are plain dicts in the reply schemas' shapes."""
 
+    reply_names = ()  # Events reply streams the backend needs
+
     def status_items(self, account: str) -> list:
         """Every status item the backend reports for `account` (unfiltered)."""
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """Backend that delegates every action to integration workers over the Bus Events API."""
 from marshmallow import ValidationError
 
+from ..bus import reply_name_for
 from ..errors import BadGateway, RunNotFound
 from ..schemas import (
     delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
@@ -36,6 +37,8 @@ def reply_payload(envelope: dict, schema, what: str) -> dict:
 
 
 class EventsBackend(Backend):
+    reply_names = tuple(reply_name_for(name) for name in REQUESTS)
+
     def __init__(self, bus, settings):
         self._bus = bus
         self._settings = settings

@@ -1,7 +1,7 @@
 """Request/reply over the Bus Events API: publish a request, wait for its correlated reply."""
 import logging
 import uuid
-from typing import Iterable, List
+from typing import List
 
 from ..errors import BadGateway, Unavailable
 from .client import EventsClient, EventsRejected, EventsUnavailable
@@ -21,13 +21,17 @@ def reply_name_for(request_name: str) -> str:
 class Bus:
     """One process's side of the Events API: a listener per reply name and one waiter registry."""
 
-    def __init__(self, settings, reply_names: Iterable[str], client: EventsClient = None):
+    def __init__(self, settings, client: EventsClient = None):
         self._settings = settings
-        self._reply_names = sorted(set(reply_names))
+        self._reply_names = []
         self.client = client or EventsClient(settings.events_url, settings.api_token,
                                              publish_timeout=settings.request_timeout)
         self.registry = ReplyRegistry()
         self._listeners: List[Listener] = []
+
+    def listen_for(self, *reply_names: str) -> None:
+        """Name the reply streams start() opens; before start only."""
+        self._reply_names = sorted(set(self._reply_names) | set(reply_names))
 
     def start(self) -> None:
         """Open the reply streams; called in each worker after fork, never at import."""

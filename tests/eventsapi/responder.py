@@ -107,6 +107,7 @@ class Responder:
         self.billing = {}
         self.billing_default = {"allowed": True}
         self.usage_records = []
+        self.refuse_usage = {}
         self.publish_errors = 0
         self._lock = threading.Lock()
         self._runs = {}
@@ -369,6 +370,10 @@ class Responder:
 
     def _on_usage(self, payload):
         with self._lock:
+            # refuse_usage[event_type] = N: answer the next N such records with an error envelope.
+            if self.refuse_usage.get(payload.get("event_type"), 0) > 0:
+                self.refuse_usage[payload["event_type"]] -= 1
+                return _Reply({}, error={"type": "usage_unavailable", "message": "usage store down"})
             self.usage_records.append(dict(payload))
         return _Reply({"recorded": True, "event_id": payload.get("event_id")})
 
