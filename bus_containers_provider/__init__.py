@@ -21,10 +21,11 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
     app.url_map.strict_slashes = False
     app.json.sort_keys = False
 
-    from . import errors, provider
+    from . import errors, logs, provider
     from .routes import health, runner, runs
 
     errors.init_app(app)
+    logs.init_app(app)
     provider.init_app(app, settings)
     app.register_blueprint(runs.bp)
     app.register_blueprint(runner.bp)

@@ -1,6 +1,5 @@
 """Console script: serve the provider under gunicorn, or mint a local development token."""
 import argparse
-import logging
 import os
 import sys
 
@@ -23,6 +22,7 @@ environment:
   BUS_EVENTS_LISTENER_RETRY_MAX   (default 30s)
   BUS_EVENTS_LISTENER_DOWN_GRACE  how long waiting requests survive a dropped reply stream
                                   before failing 503 (default 3s)
+  BUS_CONTAINERS_SHUTDOWN_GRACE   on SIGTERM, how long in-flight runs may finish (default 60s)
   Every flag also reads the variable named in its help; the flag wins.
 
 commands:
@@ -111,12 +111,6 @@ def serve(argv) -> int:
         settings = load_settings(os.environ, **vars(args))
     except ConfigError as exc:
         return _fail(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger(PROG)
-    log.info("configuration: %s", settings.redacted())
-    if settings.backend == "static" and settings.effective_workers > 1:
-        log.warning("the static backend keeps runs per process; with %d workers callers "
-                    "see a different run list per worker", settings.effective_workers)
     from .serving import ProviderApplication
 
     ProviderApplication(settings).run()

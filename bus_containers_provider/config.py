@@ -65,6 +65,8 @@ class Settings:
     # How long requests keep waiting on a reply stream that dropped before
     # they fail; short, so a dead stream never holds a run for its whole timeout.
     listener_down_grace: float = 3.0
+    # SIGTERM lets in-flight runs finish for this long before workers are stopped.
+    shutdown_grace: float = 60.0
 
     @property
     def uses_events(self) -> bool:
@@ -149,6 +151,7 @@ ENVIRONMENT = {
     "BUS_EVENTS_LISTENER_RETRY_MIN": ("listener_retry_min", parse_duration),
     "BUS_EVENTS_LISTENER_RETRY_MAX": ("listener_retry_max", parse_duration),
     "BUS_EVENTS_LISTENER_DOWN_GRACE": ("listener_down_grace", parse_duration),
+    "BUS_CONTAINERS_SHUTDOWN_GRACE": ("shutdown_grace", parse_duration),
 }
 
 SECRET_VARIABLES = ("BUS_CONTAINERS_JWT_SECRET", "BUS_API_JWT_SECRET")

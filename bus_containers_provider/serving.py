@@ -1,11 +1,33 @@
 """gunicorn wiring shared by the console script and gunicorn.conf.py."""
 import logging
+import math
 
 from gunicorn.app.base import BaseApplication
 
 from . import create_app, start, stop
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bus_containers_provider")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"},
+        "line": {"format": "%(message)s"},  # request lines are JSON already
+    },
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+        "requests": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stdout"},
+    },
+    # gunicorn merges this over its defaults key by key, so its own loggers are restated.
+    "root": {"level": "INFO", "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["stderr"], "propagate": False, "qualname": "gunicorn.error"},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": False, "qualname": "gunicorn.access"},
+        "bus_containers_provider": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        "bus_containers_provider.requests": {"level": "INFO", "handlers": ["requests"], "propagate": False},
+    },
+}
 
 
 def post_worker_init(worker):
@@ -14,6 +36,7 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    # Runs after gunicorn has let in-flight requests finish, so their replies still arrive.
     app = getattr(worker, "wsgi", None)
     if app is not None and "bus_containers" in getattr(app, "extensions", {}):
         stop(app)
@@ -21,11 +44,24 @@ def worker_exit(server, worker):
 
 def gunicorn_options(settings) -> dict:
     """gunicorn settings that follow from the provider's Settings."""
+
+    def on_starting(server):
+        log.info("configuration: %s", settings.redacted())
+        if settings.backend == "static" and settings.effective_workers > 1:
+            log.warning("the static backend keeps runs per process; with %d workers callers "
+                        "see a different run list per worker", settings.effective_workers)
+
     return {
         "bind": settings.addr,
         "workers": settings.effective_workers,
         "threads": settings.threads,
+        # gthread: one thread per request. Its heartbeat does not depend on request
+        # threads, so the worker timeout never kills a long foreground run.
         "worker_class": "gthread",
+        # SIGTERM: stop accepting, let in-flight runs finish for this long, then exit.
+        "graceful_timeout": math.ceil(settings.shutdown_grace),
+        "logconfig_dict": LOGGING,
+        "on_starting": on_starting,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
     }

@@ -75,9 +75,9 @@ def console_script(*args, port=None, env=None):
     return running([str(SCRIPT), "--addr", f"127.0.0.1:{port}", *args], env or provider_env(), port)
 
 
-def gunicorn_conf(env=None, port=None):
-    """`gunicorn -c gunicorn.conf.py wsgi:app`, configured from the environment alone."""
+def gunicorn_conf(*args, env=None, port=None):
+    """`gunicorn -c gunicorn.conf.py wsgi:app [args]`, configured from the environment alone."""
     port = port or free_port()
     env = dict(env or provider_env(), BUS_CONTAINERS_ADDR=f"127.0.0.1:{port}")
     gunicorn = Path(sys.executable).parent / "gunicorn"
-    return running([str(gunicorn), "-c", "gunicorn.conf.py", "wsgi:app"], env, port)
+    return running([str(gunicorn), "-c", "gunicorn.conf.py", *args, "wsgi:app"], env, port)

@@ -4,6 +4,7 @@ import uuid
 from typing import List
 
 from ..errors import BadGateway, Unavailable
+from ..logs import backend_timer
 from .client import EventsClient, EventsRejected, EventsUnavailable
 from .listener import Listener
 from .replies import ReplyRegistry
@@ -61,6 +62,10 @@ class Bus:
 
     def request(self, request_name: str, payload: dict, timeout: float) -> dict:
         """Publish `request_name` and return its reply envelope, or raise Unavailable/BadGateway."""
+        with backend_timer():
+            return self._request(request_name, payload, timeout)
+
+    def _request(self, request_name: str, payload: dict, timeout: float) -> dict:
         correlation_id = str(uuid.uuid4())
         waiter = self.registry.register(reply_name_for(request_name), correlation_id)
         try:

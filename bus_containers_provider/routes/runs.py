@@ -58,6 +58,7 @@ def create_run():
     if body.get("timeout_seconds", 0) > limit:
         raise BadRequest(f"timeout_seconds must be at most {int(limit)}")
     run = RunRequest(run_id=f"run_{uuid.uuid4().hex}", owner_account_id=g.principal.account, **body)
+    g.run_id = run.run_id  # for the request log line
     return run_result_schema.dump(provider.run(run))
 
 

@@ -1,0 +1,242 @@
+"""The OpenAPI 3 document of the HTTP surface, generated from the marshmallow schemas.
+
+Every body shape comes from `schemas.py` through apispec's MarshmallowPlugin; this
+module only adds what marshmallow cannot say (paths, status codes, security, the
+cross-field rule of a run request and the configured `timeout_seconds` maximum).
+
+The document is built once per app: by `init_app(app)`, or lazily on the first
+request for it. Importing this module builds nothing.
+"""
+import threading
+from importlib import metadata
+
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, current_app, jsonify
+
+from . import schemas
+from .config import INTERNAL_AUDIENCE, PUBLIC_AUDIENCE, Settings
+
+OPENAPI_PATH = "/api/v1/containers/openapi.json"
+OPENAPI_VERSION = "3.0.3"
+SECURITY_SCHEME = "bearerAuth"
+EXTENSION = "bus_containers_openapi"
+DEFAULT_MAX_RUN_TIMEOUT = int(Settings.max_run_timeout)
+
+bp = Blueprint("openapi", __name__)
+_build_lock = threading.Lock()
+
+# Component name -> the one schema instance of schemas.py that declares the shape.
+COMPONENTS = {
+    "RunRequest": schemas.run_request_schema,
+    "RunResult": schemas.run_result_schema,
+    "StatusItem": schemas.status_item_schema,
+    "Items": schemas.items_schema,
+    "DeleteResult": schemas.delete_result_schema,
+    "RunnerStatus": schemas.runner_status_schema,
+    "RunnerStart": schemas.runner_start_schema,
+    "RunnerDelete": schemas.runner_delete_schema,
+    "Ready": schemas.ready_schema,
+    "Error": schemas.error_schema,
+}
+
+RUN_REQUEST_DESCRIPTION = (
+    "Body of a run. Besides the field types below, the provider enforces (400 `bad_request` otherwise): "
+    "`profile` or `image` is required; without `profile`, a non-empty `command` or `args` is required "
+    "(there is no portable default command); `args` is the older name of `command` and is used only when "
+    "`command` is absent; `timeout_seconds` is at most the configured maximum run timeout "
+    "(`--max-run-timeout`, default 3600). Unknown fields are rejected, including any attempt to name the "
+    "owner account (`owner_account_id`, `account_id`): the owner is always the token's `sub`."
+)
+
+# status -> (error types, description); every error body is the Error envelope.
+ERRORS = {
+    400: "`bad_request`: bad JSON, trailing data, non-object body, wrong field types, a missing profile/image, "
+         "an image without a command, a negative or too large `timeout_seconds`, unknown fields.",
+    401: "`invalid_auth`: missing, malformed, badly signed, expired or wrong-audience bearer token.",
+    402: "`billing_required`: billing denies the run (`action` and `command` say what to do; a quota denial "
+         "carries the quota in `details`).",
+    403: "`forbidden`: the token lacks the route's scope, or the backend answered with another account's result.",
+    404: "`not_found`: no run with this id for the caller (another account's run is not found either).",
+    405: "`method_not_allowed`: known route, wrong method.",
+    413: "`payload_too_large`: body over 1 MiB.",
+    415: "`unsupported_media_type`: the body is not sent as `application/json`.",
+    502: "`bad_gateway`: the container integration answered with a malformed reply.",
+    503: "`unavailable`: the Events API is unreachable, a reply timed out, or a required reply listener is down.",
+}
+
+BACKEND_ERRORS = (401, 403, 405, 502, 503)
+PUBLIC_SCOPE = "Bearer JWT with audience `{audience}` and scope `{scope}`."
+INTERNAL_SCOPE = "Internal: bearer JWT with audience `{audience}` and scope `container:admin` " \
+                 "(a token for `{public}` never opens it, whatever its scopes)."
+
+
+# status -> the name of its reusable response in components.responses.
+RESPONSE_NAMES = {
+    400: "BadRequest", 401: "Unauthorized", 402: "BillingRequired", 403: "Forbidden", 404: "NotFound",
+    405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 502: "BadGateway",
+    503: "Unavailable",
+}
+
+
+def _error(status: int) -> dict:
+    response = {"description": ERRORS[status], "content": {"application/json": {"schema": "Error"}}}
+    if status == 401:
+        response["headers"] = {"WWW-Authenticate": {
+            "description": "The authentication scheme to use: `Bearer`.",
+            "required": True,
+            "schema": {"type": "string"},
+        }}
+    elif status == 405:
+        response["headers"] = {"Allow": {
+            "description": "The methods the route accepts.",
+            "required": True,
+            "schema": {"type": "string"},
+        }}
+    return response
+
+
+def _ok(description: str, component: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": component}}}
+
+
+def _operation(operation_id, summary, description, tag, responses, errors, *, secured=True, **extra):
+    operation = {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": description,
+        "tags": [tag],
+        "security": [{SECURITY_SCHEME: []}] if secured else [],
+        "responses": {**{str(status): body for status, body in responses.items()},
+                      **{str(status): RESPONSE_NAMES[status] for status in sorted(errors)}},
+    }
+    operation.update(extra)
+    return operation
+
+
+def _public(scope: str) -> str:
+    return PUBLIC_SCOPE.format(audience=PUBLIC_AUDIENCE, scope=scope)
+
+
+def _internal() -> str:
+    return INTERNAL_SCOPE.format(audience=INTERNAL_AUDIENCE, public=PUBLIC_AUDIENCE)
+
+
+RUN_ID = {
+    "name": "run_id",
+    "in": "path",
+    "required": True,
+    "description": "A run id as answered by POST /api/v1/containers/runs (`run_...`).",
+    "schema": {"type": "string", "minLength": 1},
+}
+
+
+def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
+    """The OpenAPI document as a dict, for a provider whose largest `timeout_seconds` is `max_run_timeout`."""
+    spec = APISpec(
+        title="Bus containers API provider",
+        version=_version(),
+        openapi_version=OPENAPI_VERSION,
+        plugins=[MarshmallowPlugin()],
+        info={"description": "Account-isolated container runs over the Bus Events API. "
+                             "Every body is JSON; every error is the Error envelope."},
+    )
+    spec.components.security_scheme(SECURITY_SCHEME, {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": (
+            f"HS256 JWT with `sub`, `aud`, `exp`, `iat` and a space-separated `scope`. Public routes need "
+            f"audience `{PUBLIC_AUDIENCE}`; internal routes need `{INTERNAL_AUDIENCE}` and `container:admin`. "
+            "A token naming both audiences is refused everywhere."
+        ),
+    })
+    for status, name in RESPONSE_NAMES.items():
+        spec.components.response(name, _error(status))
+    for name, schema in COMPONENTS.items():
+        component = {"description": RUN_REQUEST_DESCRIPTION} if name == "RunRequest" else None
+        spec.components.schema(name, component, schema=schema)
+    # The ceiling is configuration, not a field declaration: the marshmallow field says only min=0.
+    spec.components.schemas["RunRequest"]["properties"]["timeout_seconds"]["maximum"] = int(max_run_timeout)
+
+    read = _public("container:read")
+    spec.path(path="/api/v1/containers/status", operations={"get": _operation(
+        "getStatus", "Container status", f"Runner state and the caller's runs. {read}", "containers",
+        {200: _ok("The caller's items; items without an owner carry only `id` and `state`.", "Items")},
+        BACKEND_ERRORS)})
+    spec.path(path="/api/v1/containers/runs", operations={
+        "post": _operation(
+            "createRun", "Run one container",
+            f"Runs one container in the foreground and answers with its result; a non-zero `exit_code` is "
+            f"still a 200. {_public('container:run')}", "containers",
+            {200: _ok("The finished run.", "RunResult")},
+            (400, 402, 413, 415, *BACKEND_ERRORS),
+            requestBody={"required": True, "content": {"application/json": {"schema": "RunRequest"}}}),
+        "get": _operation(
+            "listRuns", "The caller's runs", f"The caller's run items. {read}", "containers",
+            {200: _ok("The caller's runs.", "Items")}, BACKEND_ERRORS),
+    })
+    spec.path(path="/api/v1/containers/runs/{run_id}", parameters=[RUN_ID], operations={
+        "get": _operation(
+            "getRun", "One run", f"One of the caller's runs; another account's run id is not found. {read}",
+            "containers", {200: _ok("The run.", "StatusItem")}, (404, *BACKEND_ERRORS)),
+        "delete": _operation(
+            "deleteRun", "Delete a run",
+            f"Deletes or cancels one of the caller's runs. {_public('container:delete')}", "containers",
+            {200: _ok("The run is deleted.", "DeleteResult")}, (404, *BACKEND_ERRORS)),
+    })
+    internal = _internal()
+    spec.path(path="/api/internal/containers/runner", operations={
+        "get": _operation(
+            "getRunner", "Runner status", f"The configured runner's operational state. {internal}", "runner",
+            {200: _ok("The runner state.", "RunnerStatus")}, BACKEND_ERRORS),
+        "post": _operation(
+            "startRunner", "Start the runner", f"Starts and bootstraps the configured runner. {internal}",
+            "runner", {202: _ok("The start is accepted.", "RunnerStart")}, BACKEND_ERRORS),
+        "delete": _operation(
+            "deleteRunner", "Delete the runner", f"Deletes the configured runner. {internal}", "runner",
+            {200: _ok("The runner is deleted.", "RunnerDelete")}, BACKEND_ERRORS),
+    })
+    spec.path(path="/readyz", operations={"get": _operation(
+        "readyz", "Readiness", "200 when every reply listener the enabled backends need is connected. No auth.",
+        "health", {200: _ok("Ready.", "Ready")}, (405, 503), secured=False)})
+    spec.path(path=OPENAPI_PATH, operations={"get": _operation(
+        "getOpenapi", "This document", "The OpenAPI 3 document of this provider. No auth.", "meta",
+        {200: {"description": "The OpenAPI document.",
+               "content": {"application/json": {"schema": {"type": "object"}}}}},
+        (405,), secured=False)})
+    return spec.to_dict()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("bus-api-provider-containers")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _max_run_timeout(app) -> float:
+    provider = app.extensions.get("bus_containers")
+    return provider.settings.max_run_timeout if provider is not None else DEFAULT_MAX_RUN_TIMEOUT
+
+
+def document(app) -> dict:
+    """The app's document, built on first use and kept for the app's life."""
+    built = app.extensions.get(EXTENSION)
+    if built is None:
+        with _build_lock:
+            built = app.extensions.get(EXTENSION)
+            if built is None:
+                built = app.extensions[EXTENSION] = build_spec(_max_run_timeout(app))
+    return built
+
+
+def init_app(app) -> dict:
+    """Build the document now (after provider.init_app, so the configured limits are known)."""
+    return document(app)
+
+
+@bp.get(OPENAPI_PATH)
+def openapi_json():
+    """The OpenAPI document; no auth, like /readyz."""
+    return jsonify(document(current_app))
