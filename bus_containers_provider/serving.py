@@ -61,6 +61,9 @@ def gunicorn_options(settings) -> dict:
         # SIGTERM: stop accepting, let in-flight runs finish for this long, then exit.
         "graceful_timeout": math.ceil(settings.shutdown_grace),
         "logconfig_dict": LOGGING,
+        # gunicorn's runtime control socket: one fixed path per user, so several
+        # instances clobber each other, and an admin interface we do not use.
+        "control_socket_disable": True,
         "on_starting": on_starting,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,

@@ -28,20 +28,20 @@ def provider_env(**extra) -> dict:
     return {**base, "BUS_CONTAINERS_JWT_SECRET": SECRET, **extra}
 
 
-def wait_ready(url: str, process, timeout: float = 20.0) -> None:
+def wait_ready(url: str, process, timeout: float = 20.0, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"provider exited with {process.returncode}: {process.log()}")
         with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/readyz", timeout=1).status_code in (200, 503):
-                return
+            requests.get(f"{url}{path}", timeout=1)
+            return
         time.sleep(0.1)
     raise AssertionError(f"provider at {url} did not answer within {timeout}s")
 
 
 @contextlib.contextmanager
-def running(command, env, port):
+def running(command, env, port, ready_path="/readyz"):
     """Run `command` (a provider serving on `port`) and stop it with SIGTERM afterwards.
 
     Output goes to a file, not a pipe, so a chatty server can never block on a full pipe.
@@ -52,7 +52,7 @@ def running(command, env, port):
         process.url = f"http://127.0.0.1:{port}"
         process.log = lambda: (output.flush(), output.seek(0), output.read())[2]
         try:
-            wait_ready(process.url, process)
+            wait_ready(process.url, process, path=ready_path)
             yield process
         finally:
             stop(process)
