@@ -15,7 +15,7 @@ MAX_TOKEN_BYTES = 8 * 1024
 IAT_SKEW_SECONDS = 60
 ALGORITHMS = ["HS256"]
 # Headers that point at keys elsewhere or demand extensions we do not implement.
-REFUSED_HEADERS = frozenset({"crit", "jwk", "jku", "x5u", "x5c", "kid_url"})
+REFUSED_HEADERS = frozenset({"crit", "jwk", "jku", "x5u", "x5c"})
 AUDIENCES = frozenset({PUBLIC_AUDIENCE, INTERNAL_AUDIENCE})
 
 

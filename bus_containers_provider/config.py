@@ -87,9 +87,9 @@ class Settings:
         return shown
 
     def validate(self) -> "Settings":
-        _choice("--backend", self.backend, BACKENDS)
-        _choice("--usage-backend", self.usage_backend, USAGE_BACKENDS)
-        _choice("--billing-backend", self.billing_backend, BILLING_BACKENDS)
+        _choice("--backend (BUS_CONTAINERS_BACKEND)", self.backend, BACKENDS)
+        _choice("--usage-backend (BUS_CONTAINERS_USAGE_BACKEND)", self.usage_backend, USAGE_BACKENDS)
+        _choice("--billing-backend (BUS_CONTAINERS_BILLING_BACKEND)", self.billing_backend, BILLING_BACKENDS)
         if len(self.jwt_secret) < MIN_SECRET_BYTES:
             raise ConfigError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes (RFC 8725 §3.5)")
         if self.uses_events and not self.events_url:
@@ -103,11 +103,14 @@ class Settings:
             ("--request-timeout", self.request_timeout),
             ("--max-run-timeout", self.max_run_timeout),
             ("BUS_EVENTS_LISTENER_RETRY_MIN", self.listener_retry_min),
+            ("BUS_EVENTS_LISTENER_DOWN_GRACE", self.listener_down_grace),
         ):
             if value <= 0:
                 raise ConfigError(f"{flag} must be greater than zero")
         if self.listener_retry_max < self.listener_retry_min:
             raise ConfigError("BUS_EVENTS_LISTENER_RETRY_MAX must not be below BUS_EVENTS_LISTENER_RETRY_MIN")
+        if self.shutdown_grace < 0:
+            raise ConfigError("BUS_CONTAINERS_SHUTDOWN_GRACE must not be negative")
         _host_port(self.addr)
         return self
 
@@ -120,7 +123,7 @@ def _choice(flag: str, value: str, accepted: tuple) -> None:
 def _host_port(addr: str) -> tuple:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--addr must be HOST:PORT (got {addr!r})")
+        raise ConfigError(f"--addr (BUS_CONTAINERS_ADDR) must be HOST:PORT (got {addr!r})")
     return host, int(port)
 
 

@@ -49,6 +49,8 @@ RUN_REQUEST_DESCRIPTION = (
     "owner account (`owner_account_id`, `account_id`): the owner is always the token's `sub`."
 )
 
+RUN_REQUEST_EXAMPLE = {"image": "alpine:3.20", "command": ["sh", "-c", "printf OK"], "timeout_seconds": 60}
+
 # status -> (error types, description); every error body is the Error envelope.
 ERRORS = {
     400: "`bad_request`: bad JSON, trailing data, non-object body, wrong field types, a missing profile/image, "
@@ -131,6 +133,15 @@ RUN_ID = {
 }
 
 
+# The run id answered by a run opens its read and its deletion.
+RUN_LINKS = {
+    "GetRun": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/run_id"},
+               "description": "Read the run just created."},
+    "DeleteRun": {"operationId": "deleteRun", "parameters": {"run_id": "$response.body#/run_id"},
+                  "description": "Delete the run just created."},
+}
+
+
 def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
     """The OpenAPI document as a dict, for a provider whose largest `timeout_seconds` is `max_run_timeout`."""
     spec = APISpec(
@@ -154,7 +165,8 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
     for status, name in RESPONSE_NAMES.items():
         spec.components.response(name, _error(status))
     for name, schema in COMPONENTS.items():
-        component = {"description": RUN_REQUEST_DESCRIPTION} if name == "RunRequest" else None
+        component = {"description": RUN_REQUEST_DESCRIPTION, "example": RUN_REQUEST_EXAMPLE} \
+            if name == "RunRequest" else None
         spec.components.schema(name, component, schema=schema)
     # The ceiling is configuration, not a field declaration: the marshmallow field says only min=0.
     spec.components.schemas["RunRequest"]["properties"]["timeout_seconds"]["maximum"] = int(max_run_timeout)
@@ -169,7 +181,7 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
             "createRun", "Run one container",
             f"Runs one container in the foreground and answers with its result; a non-zero `exit_code` is "
             f"still a 200. {_public('container:run')}", "containers",
-            {200: _ok("The finished run.", "RunResult")},
+            {200: dict(_ok("The finished run.", "RunResult"), links=RUN_LINKS)},
             (400, 402, 413, 415, *BACKEND_ERRORS),
             requestBody={"required": True, "content": {"application/json": {"schema": "RunRequest"}}}),
         "get": _operation(
