@@ -21,7 +21,7 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
     app.url_map.strict_slashes = False
     app.json.sort_keys = False
 
-    from . import errors, logs, provider
+    from . import errors, logs, openapi, provider
     from .routes import health, runner, runs
 
     errors.init_app(app)
@@ -30,6 +30,7 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
     app.register_blueprint(runs.bp)
     app.register_blueprint(runner.bp)
     app.register_blueprint(health.bp)
+    openapi.init_app(app)
     return app
 
 

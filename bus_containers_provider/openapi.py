@@ -4,10 +4,8 @@ Every body shape comes from `schemas.py` through apispec's MarshmallowPlugin; th
 module only adds what marshmallow cannot say (paths, status codes, security, the
 cross-field rule of a run request and the configured `timeout_seconds` maximum).
 
-The document is built once per app: by `init_app(app)`, or lazily on the first
-request for it. Importing this module builds nothing.
+The document is built once per app, by `init_app(app)`. Importing this module builds nothing.
 """
-import threading
 from importlib import metadata
 
 from apispec import APISpec
@@ -24,7 +22,6 @@ EXTENSION = "bus_containers_openapi"
 DEFAULT_MAX_RUN_TIMEOUT = int(Settings.max_run_timeout)
 
 bp = Blueprint("openapi", __name__)
-_build_lock = threading.Lock()
 
 # Component name -> the one schema instance of schemas.py that declares the shape.
 COMPONENTS = {
@@ -232,23 +229,13 @@ def _max_run_timeout(app) -> float:
     return provider.settings.max_run_timeout if provider is not None else DEFAULT_MAX_RUN_TIMEOUT
 
 
-def document(app) -> dict:
-    """The app's document, built on first use and kept for the app's life."""
-    built = app.extensions.get(EXTENSION)
-    if built is None:
-        with _build_lock:
-            built = app.extensions.get(EXTENSION)
-            if built is None:
-                built = app.extensions[EXTENSION] = build_spec(_max_run_timeout(app))
-    return built
-
-
-def init_app(app) -> dict:
-    """Build the document now (after provider.init_app, so the configured limits are known)."""
-    return document(app)
+def init_app(app) -> None:
+    """Build the document once, after provider.init_app, so the configured limits are known."""
+    app.extensions[EXTENSION] = build_spec(_max_run_timeout(app))
+    app.register_blueprint(bp)
 
 
 @bp.get(OPENAPI_PATH)
 def openapi_json():
     """The OpenAPI document; no auth, like /readyz."""
-    return jsonify(document(current_app))
+    return jsonify(current_app.extensions[EXTENSION])

@@ -104,3 +104,16 @@ def test_worker_timeout_never_kills_a_long_run(events_server, responder):
         assert response.status_code == 200 and response.json()["stdout"] == "long"
         assert time.monotonic() - started >= 5
     assert "WORKER TIMEOUT" not in provider.output
+
+
+@pytest.mark.parametrize("path,headers,status", [
+    ("/api/v1/containers/runs/" + "a" * 5000, {}, 414),
+    ("/api/v1/containers/status", {"Authorization": "Bearer " + "x" * 8300}, 401),
+    ("/api/v1/containers/status", {"X-Padding": "x" * 20000}, 431),
+])
+def test_gunicorn_own_errors_are_json(path, headers, status):
+    with console_script() as provider:
+        response = requests.get(provider.url + path, headers=dict(bearer(), **headers), timeout=10)
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"]["type"] in ("bad_request", "invalid_auth")
