@@ -62,8 +62,9 @@ class TokenVerifier:
 
 def _subject(claims) -> str:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub.strip():
-        raise InvalidAuth("bearer token has no subject")
+    # " alice" must not be a second account beside "alice": no padding, no empty ids.
+    if not isinstance(sub, str) or not sub or sub != sub.strip():
+        raise InvalidAuth("bearer token has no valid subject")
     return sub
 
 

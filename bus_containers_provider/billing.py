@@ -1,6 +1,7 @@
 """Entitlement checks before a run: none, or bus.billing.entitlement.check over Events."""
 from marshmallow import ValidationError
 
+from .bus import envelope_error
 from .errors import BadGateway, BillingRequired
 from .schemas import billing_reply_schema
 
@@ -8,7 +9,7 @@ REQUEST = "bus.billing.entitlement.check.request"
 SCOPE = "container:run"
 DEFAULT_COMMAND = "bus billing setup"
 # Envelope error types that mean "not entitled", as opposed to a broken integration.
-DENIALS = frozenset({"billing_required", "payment_required", "quota_exceeded", "not_entitled", "forbidden"})
+DENIALS = frozenset({"billing_required", "payment_required", "quota_exceeded", "not_entitled"})
 
 
 class NoBilling:
@@ -20,7 +21,7 @@ class NoBilling:
         return None
 
 
-class EventsBilling:
+class EventsBilling(NoBilling):
     """--billing-backend events: ask bus-integration-billing; no answer means no run."""
 
     reply_names = ("bus.billing.entitlement.check.response",)
@@ -31,14 +32,17 @@ class EventsBilling:
 
     def check(self, account: str) -> None:
         envelope = self._bus.request(REQUEST, {"account_id": account, "scope": SCOPE}, self._timeout)
-        error = envelope.get("error")
-        if isinstance(error, dict) and error.get("type", error.get("code")) in DENIALS:
-            raise denial({"allowed": False, "reason": error.get("type", error.get("code")),
-                          "message": error.get("message")})
-        if error is not None:
+        error = envelope_error(envelope)
+        if error is not None and error[0] not in DENIALS:
             raise BadGateway("the billing integration failed the entitlement check")
+        if error is not None:
+            # A denial sent as an error envelope: its fields read like a denial reply's.
+            fields = {k: v for k, v in envelope["error"].items() if k in ("action", "command", "message", "quota")}
+            reply = dict(fields, allowed=False, reason=error[0])
+        else:
+            reply = envelope.get("payload")
         try:
-            reply = billing_reply_schema.load(envelope.get("payload"))
+            reply = billing_reply_schema.load(reply)
         except ValidationError:
             raise BadGateway("the entitlement reply is malformed") from None
         if not reply["allowed"]:

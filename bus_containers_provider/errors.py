@@ -115,6 +115,25 @@ def _http_error(exc: HTTPException):
                           headers=headers)
 
 
+def as_provider_error(exc: Exception) -> ProviderError:
+    """The HTTP shape of any error: ours as is, the Events client's translated at this boundary."""
+    from .bus.client import EventsError, EventsRejected
+
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, EventsRejected) and exc.malformed:
+        return BadGateway("the Events API refused the request as malformed")
+    if isinstance(exc, EventsRejected) and exc.unauthorized:
+        return Unavailable("the Events API refused the provider's credentials")
+    if isinstance(exc, EventsError):
+        return Unavailable(str(exc))
+    return ProviderError()
+
+
+def _events_error(exc):
+    return _provider_error(as_provider_error(exc))
+
+
 def _unexpected(exc: Exception):
     # A bug, not an input: log it whole, answer with the envelope, never a page.
     log.exception("unhandled error")
@@ -122,6 +141,9 @@ def _unexpected(exc: Exception):
 
 
 def init_app(app):
+    from .bus.client import EventsError
+
     app.register_error_handler(ProviderError, _provider_error)
+    app.register_error_handler(EventsError, _events_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

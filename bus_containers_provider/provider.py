@@ -8,6 +8,7 @@ from .backends import Backend, RunRequest, create_backend
 from .backends.base import check_owner
 from .billing import EventsBilling, NoBilling
 from .config import Settings
+from .errors import as_provider_error
 from .usage import FAILED, FINISHED, REQUESTED, EventsUsage, MemoryUsage, NoUsage, usage_event
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Provider:
         try:
             result = check_owner(self.backend.run(run), run.owner_account_id)
         except Exception as exc:
-            self.usage.record_later(usage_event(FAILED, run, {"reason": getattr(exc, "type", "internal_error")}))
+            self.usage.record_later(usage_event(FAILED, run, {"reason": as_provider_error(exc).type}))
             raise
         self.usage.record_later(usage_event(FINISHED, run, {
             "duration_ms": result["duration_ms"], "exit_code": result["exit_code"], "image": result["image"]}))

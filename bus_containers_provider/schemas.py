@@ -21,15 +21,13 @@ class RunRequestSchema(Schema):
     def _needs_target(self, data, **kwargs):
         if "profile" not in data and "image" not in data:
             raise ValidationError("profile or image is required", "_schema")
-        if "profile" not in data and not (data.get("command") or data.get("args")):
+        if "profile" not in data and not _command(data):
             raise ValidationError("image runs need a command (there is no portable default)", "command")
 
     @post_load
     def _command_from_args(self, data, **kwargs):
-        # args is the older name of command; command wins when both are sent.
-        args = data.pop("args", None)
-        if data.get("command") is None:
-            data["command"] = args or []
+        data["command"] = _command(data)
+        data.pop("args", None)
         return data
 
 
@@ -171,6 +169,11 @@ class ErrorSchema(Schema):
     """The one error envelope: {"error": {"type", "message", "action"?, "command"?}}."""
 
     error = fields.Nested(ErrorBodySchema, required=True)
+
+
+def _command(data) -> list:
+    # args is the older name of command, used when command is absent.
+    return data["command"] if "command" in data else data.get("args") or []
 
 
 def _owner_from_identity(data):

@@ -1,10 +1,13 @@
 """Usage records for runs: none, in memory (local checks), or bus.usage.record over Events."""
+import heapq
+import itertools
 import logging
-import queue
 import threading
 import time
 from datetime import datetime, timezone
 
+from .bus import envelope_error
+from .bus.client import EventsError
 from .errors import ProviderError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -25,21 +28,21 @@ def usage_event(event_type: str, run, data: dict) -> dict:
 
 
 class NoUsage:
-    """--usage-backend none: records nothing, publishes nothing."""
+    """--usage-backend none: records nothing, publishes nothing. Also the interface of the others."""
 
     reply_names = ()
 
     def record(self, event: dict) -> None:
-        return None
+        """Record now, or raise: the run must not start without it."""
 
     def record_later(self, event: dict) -> None:
-        return None
+        """Record without holding up the caller; failures are retried and logged, never raised."""
 
     def start(self) -> None:
-        return None
+        """Start background work (in a worker, after fork)."""
 
     def stop(self) -> None:
-        return None
+        """Stop background work."""
 
 
 class MemoryUsage(NoUsage):
@@ -64,76 +67,84 @@ class MemoryUsage(NoUsage):
 class EventsUsage(NoUsage):
     """--usage-backend events: each record waits for bus-integration-usage to confirm it.
 
-    A record that must precede a run (record) fails the run when it cannot be
-    made. A record after the run (record_later) never costs the caller the
-    result: it is retried in the background, a bounded number of times.
+    `record` (before a run) raises when the record cannot be made, so the run
+    does not start. `record_later` (after a run) hands the record to one
+    background sender, which retries a bounded number of times with backoff.
     """
 
     reply_names = ("bus.usage.record.response",)
-    RETRIES = 5
+    ATTEMPTS = 6
     BACKLOG = 10_000
 
     def __init__(self, bus, timeout: float, retry_delay: float = 1.0):
         self._bus = bus
         self._timeout = timeout
         self._retry_delay = retry_delay
-        self._backlog = queue.Queue(self.BACKLOG)
-        self._stopping = threading.Event()
+        self._due = []  # heap of (due time, sequence, attempt, event)
+        self._sequence = itertools.count()
+        self._wake = threading.Condition()
+        self._stopping = False
         self._thread = None
 
     def record(self, event: dict) -> None:
         envelope = self._bus.request(REQUEST, event, self._timeout)
         payload = envelope.get("payload")
-        if envelope.get("error") is not None or (isinstance(payload, dict) and payload.get("recorded") is False):
+        if envelope_error(envelope) is not None or (isinstance(payload, dict) and payload.get("recorded") is False):
             raise Unavailable("the usage record was refused")
 
     def record_later(self, event: dict) -> None:
-        try:
-            self.record(event)
-        except ProviderError as exc:
-            log.warning("usage %s for %s not recorded (%s); retrying in the background",
-                        event["event_type"], event["data"]["run_id"], exc.message)
-            self._enqueue(event, attempt=1)
+        self._schedule(event, attempt=1, delay=0.0)
 
-    def _enqueue(self, event: dict, attempt: int) -> None:
-        due = time.monotonic() + self._retry_delay * 2 ** (attempt - 1)
-        try:
-            self._backlog.put_nowait((due, event, attempt))
-        except queue.Full:
-            log.error("usage %s for %s dropped: the retry backlog is full",
-                      event["event_type"], event["data"]["run_id"])
+    def _schedule(self, event: dict, attempt: int, delay: float) -> None:
+        with self._wake:
+            if len(self._due) >= self.BACKLOG:
+                log.error("usage %s for run %s dropped: the backlog is full", event["event_type"], _run(event))
+                return
+            heapq.heappush(self._due, (time.monotonic() + delay, next(self._sequence), attempt, event))
+            self._wake.notify()
 
     def start(self) -> None:
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._retry_loop, name="usage-retry", daemon=True)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._send_loop, name="usage-sender", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopping.set()
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(self._timeout + 5)
             self._thread = None
-        while not self._backlog.empty():
-            _, event, _ = self._backlog.get_nowait()
-            log.error("usage %s for %s not recorded before shutdown", event["event_type"], event["data"]["run_id"])
+        for _, _, _, event in self._due:
+            log.error("usage %s for run %s not recorded before shutdown", event["event_type"], _run(event))
+        self._due.clear()
 
-    def _retry_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                due, event, attempt = self._backlog.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            # Items arrive roughly in due order, so waiting for the head is enough.
-            if self._stopping.wait(max(0.0, due - time.monotonic())):
-                self._backlog.put_nowait((due, event, attempt))
-                return
+    def _next_due(self):
+        """The next record whose time has come, or None when stopping."""
+        with self._wake:
+            while not self._stopping:
+                wait = self._due[0][0] - time.monotonic() if self._due else None
+                if wait is not None and wait <= 0:
+                    return heapq.heappop(self._due)
+                self._wake.wait(wait)
+        return None
+
+    def _send_loop(self) -> None:
+        while (item := self._next_due()) is not None:
+            _, _, attempt, event = item
             try:
                 self.record(event)
-                log.info("usage %s for %s recorded on retry %d",
-                         event["event_type"], event["data"]["run_id"], attempt)
-            except ProviderError as exc:
-                if attempt >= self.RETRIES:
-                    log.error("usage %s for %s lost after %d retries (%s)",
-                              event["event_type"], event["data"]["run_id"], attempt, exc.message)
-                else:
-                    self._enqueue(event, attempt + 1)
+            except (ProviderError, EventsError) as exc:
+                if attempt >= self.ATTEMPTS:
+                    log.error("usage %s for run %s lost after %d attempts (%s)",
+                              event["event_type"], _run(event), attempt, exc)
+                    continue
+                log.warning("usage %s for run %s not recorded (%s); retrying",
+                            event["event_type"], _run(event), exc)
+                self._schedule(event, attempt + 1, self._retry_delay * 2 ** (attempt - 1))
+            except Exception:  # a bug must not end the sender silently
+                log.exception("usage %s for run %s failed", event["event_type"], _run(event))
+
+
+def _run(event: dict) -> str:
+    return event["data"]["run_id"]

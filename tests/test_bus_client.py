@@ -7,10 +7,9 @@ import requests
 import responses
 
 from bus_containers_provider.bus.client import (
-    MAX_LINE_BYTES, EventsClient, EventsRejected, EventsUnavailable, StreamBroken,
+    MAX_LINE_BYTES, EventsClient, EventsRejected, EventsUnavailable, ListenerDown, ReplyTimeout, StreamBroken,
 )
 from bus_containers_provider.bus.replies import ReplyRegistry
-from bus_containers_provider.errors import Unavailable
 
 BASE = "http://events.test"
 PUBLISH = f"{BASE}/api/v1/events"
@@ -48,16 +47,18 @@ def test_publish_transport_failures_are_unavailable(client, failure, expected):
 
 
 @responses.activate
-@pytest.mark.parametrize("status,expected,unauthorized", [
-    (400, EventsRejected, False), (401, EventsRejected, True), (403, EventsRejected, True),
-    (404, EventsRejected, False), (500, EventsUnavailable, None), (503, EventsUnavailable, None),
+@pytest.mark.parametrize("status,expected,unauthorized,malformed", [
+    (400, EventsRejected, False, True), (401, EventsRejected, True, False), (403, EventsRejected, True, False),
+    (404, EventsRejected, False, True), (429, EventsRejected, False, False), (201, EventsUnavailable, None, None),
+    (500, EventsUnavailable, None, None), (503, EventsUnavailable, None, None),
 ])
-def test_publish_statuses(client, status, expected, unauthorized):
+def test_publish_statuses(client, status, expected, unauthorized, malformed):
     responses.post(PUBLISH, status=status, json={"error": "no"})
     with pytest.raises(expected) as raised:
         client.publish("a.request", "cid", {})
     if unauthorized is not None:
         assert raised.value.unauthorized is unauthorized and raised.value.status == status
+        assert raised.value.malformed is malformed
 
 
 @responses.activate
@@ -65,7 +66,7 @@ def test_stream_yields_envelopes_and_skips_junk(client):
     lines = [
         json.dumps({"id": "1", "name": "a.response", "correlationId": "c1", "payload": {"s": "x\u2028y"}},
                    ensure_ascii=False),
-        "not json", "[1, 2]", "",
+        "not json", "[1, 2]", "", '{"id": "x", "payload": {"n": NaN}}', '{"id": "y", "payload": Infinity}',
         json.dumps({"id": "2", "name": "a.response", "correlation_id": "c2", "payload": {}}),
     ]
     responses.get(STREAM, body="\n".join(lines).encode() + b"\n", content_type="application/x-ndjson")
@@ -134,10 +135,10 @@ class TestRegistry:
         assert registry.pending() == 0
         assert not registry.resolve("a.response", {"correlationId": "c1"})  # late
 
-    def test_wait_times_out_as_unavailable(self):
+    def test_wait_times_out(self):
         registry = ReplyRegistry()
         waiter = registry.register("a.response", "c1")
-        with pytest.raises(Unavailable):
+        with pytest.raises(ReplyTimeout):
             waiter.wait(0.05)
 
     def test_mark_down_fails_waiters_of_that_name_and_refuses_new_ones(self):
@@ -145,9 +146,9 @@ class TestRegistry:
         a = registry.register("a.response", "c1")
         b = registry.register("b.response", "c2")
         registry.mark_down("a.response", "stream ended")
-        with pytest.raises(Unavailable):
+        with pytest.raises(ListenerDown):
             a.wait(1)
-        with pytest.raises(Unavailable):
+        with pytest.raises(ListenerDown):
             registry.register("a.response", "c3")
         assert registry.pending() == 1 and registry.resolve("b.response", {"correlationId": "c2"})
         assert b.wait(1) == {"correlationId": "c2"}

@@ -125,7 +125,8 @@ def test_events_api_down_is_503_quickly(client, events_server, app):
     assert app.extensions["bus_containers"].bus.registry.pending() == 0
 
 
-@pytest.mark.parametrize("status,expected", [(400, 502), (401, 503), (403, 503), (500, 503)])
+@pytest.mark.parametrize("status,expected", [(400, 502), (404, 502), (413, 502), (422, 502), (401, 503),
+                                             (403, 503), (408, 503), (429, 503), (500, 503)])
 def test_publish_refusals_map_to_502_or_503(client, events_server, status, expected):
     events_server.fail_publish(status)
     assert client.get(STATUS, headers=bearer()).status_code == expected
@@ -200,3 +201,46 @@ def test_events_url_with_api_suffix_is_trimmed(events_server):
 
     app = create_app(dict(events_env(events_server), BUS_EVENTS_API_URL=events_server.url + "/api/v1/events/"))
     assert app.extensions["bus_containers"].settings.events_url == events_server.url
+
+
+class _AnsweringBus:
+    def __init__(self, envelope):
+        self.envelope = envelope
+
+    def request(self, name, payload, timeout):
+        return self.envelope
+
+
+@pytest.mark.parametrize("action", ["run", "delete"])
+def test_a_reply_about_another_run_is_502(action):
+    from bus_containers_provider.backends import RunRequest
+    from bus_containers_provider.backends.events import EventsBackend
+    from bus_containers_provider.config import Settings
+    from bus_containers_provider.errors import BadGateway
+
+    reply = {"run_id": "run_other", "owner_account_id": "acct-a", "deleted": True, "runner_name": "r",
+             "image": "alpine", "args": [], "exit_code": 0, "stdout": "", "stderr": "", "duration_ms": 1,
+             "runtime": {"state": "ready", "provider": "r"}}
+    backend = EventsBackend(_AnsweringBus({"payload": reply}), Settings(jwt_secret=b"x" * 32))
+    with pytest.raises(BadGateway):
+        if action == "run":
+            backend.run(RunRequest(run_id="run_mine", owner_account_id="acct-a", command=["true"], image="alpine"))
+        else:
+            backend.delete("acct-a", "run_mine")
+
+
+def test_requests_wait_for_a_reconnecting_stream_instead_of_publishing_into_the_gap(client, events_server, app):
+    import threading
+
+    listener = app.extensions["bus_containers"].bus._listeners["bus.containers.run.response"]
+    events_server.fail_streams(503)
+    events_server.drop_streams("bus.containers.run.response")
+    deadline = time.monotonic() + 5
+    while listener.connected:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    threading.Timer(0.1, events_server.reset_faults).start()  # back well within the 1 s down grace
+    started = time.monotonic()
+    response = run(client, timeout_seconds=10)
+    assert response.status_code == 200
+    assert time.monotonic() - started < 2  # it waited for the stream, not for a lost reply's timeout

@@ -58,6 +58,7 @@ def test_profile_run_without_command_is_accepted(client):
     {"args": ["x"]},
     {"image": "alpine"},
     {"image": "alpine", "command": []},
+    {"image": "alpine", "command": [], "args": ["sh"]},
     {"profile": ""},
     {"profile": 5},
     {"profile": None},

@@ -104,6 +104,15 @@ def test_usage_requested_not_recorded_is_503_and_nothing_runs(client, events_ser
     assert trail(events_server) == [(BILLING, None), (USAGE, "container_run_requested")]
 
 
+def test_finished_record_never_holds_up_the_caller(client, events_server, responder):
+    responder.hold_usage.add("container_run_finished")
+    started = time.monotonic()
+    response = run(client)
+    assert response.status_code == 200
+    assert time.monotonic() - started < 1.5  # the request timeout is 3 s
+    events_server.wait_published(USAGE, count=2)
+
+
 def test_usage_finished_failure_keeps_the_result_and_retries(app, client, events_server, responder):
     app.extensions["bus_containers"].usage._retry_delay = 0.05
     responder.refuse_usage["container_run_finished"] = 1
@@ -190,6 +199,10 @@ class _AnsweringBus:
 
 @pytest.mark.parametrize("envelope,status,action", [
     ({"error": {"type": "quota_exceeded", "message": "daily runtime used up"}}, 402, "upgrade_plan"),
+    ({"error": {"type": ["quota_exceeded"]}}, 502, None),
+    ({"error": {"type": "forbidden", "message": "integration misconfigured"}}, 502, None),
+    ({"error": {"type": "quota_exceeded", "message": {"not": "text"}}}, 502, None),
+    ({"error": "quota_exceeded"}, 502, None),
     ({"error": {"code": "billing_required", "message": "no plan"}}, 402, "setup_billing"),
     ({"error": {"type": "timeout"}}, 502, None),
     ({"payload": {"allowed": "yes"}}, 502, None),
@@ -205,3 +218,15 @@ def test_billing_reply_mapping(envelope, status, action):
     assert raised.value.status == status and raised.value.action == action
     if status == 402:
         assert raised.value.command == "bus billing setup"
+
+
+def test_quota_in_a_denial_envelope_reaches_the_caller():
+    from bus_containers_provider.billing import EventsBilling
+    from bus_containers_provider.errors import BillingRequired
+
+    quota = {"feature": "container:run", "meter": "bus_container_runtime_seconds", "window": "month",
+             "used": 36000, "limit": 36000}
+    with pytest.raises(BillingRequired) as raised:
+        EventsBilling(_AnsweringBus({"error": {"type": "quota_exceeded", "quota": quota}}), 1).check("acct-a")
+    assert raised.value.details["quota"] == quota and raised.value.action == "upgrade_plan"
+    assert "36000" in raised.value.message

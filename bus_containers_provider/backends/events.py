@@ -1,7 +1,7 @@
 """Backend that delegates every action to integration workers over the Bus Events API."""
 from marshmallow import ValidationError
 
-from ..bus import reply_name_for
+from ..bus import envelope_error, reply_name_for
 from ..errors import BadGateway, RunNotFound
 from ..schemas import (
     delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
@@ -20,12 +20,11 @@ REQUESTS = (STATUS, RUN, DELETE, RUNNER_STATUS, RUNNER_START, RUNNER_DELETE)
 
 def reply_payload(envelope: dict, schema, what: str) -> dict:
     """The validated payload of a reply envelope; an envelope error or bad shape is a 502."""
-    error = envelope.get("error")
+    error = envelope_error(envelope)
     if error is not None:
-        kind = error.get("type", error.get("code")) if isinstance(error, dict) else None
+        kind, message = error
         if kind == "not_found":
             raise RunNotFound()
-        message = error.get("message") if isinstance(error, dict) else None
         raise BadGateway(f"the container integration failed the {what}" + (f": {message}" if message else ""))
     payload = envelope.get("payload")
     if not isinstance(payload, dict):
@@ -34,6 +33,13 @@ def reply_payload(envelope: dict, schema, what: str) -> dict:
         return schema.load(payload)
     except ValidationError:
         raise BadGateway(f"the {what} reply is malformed") from None
+
+
+def same_run(result: dict, run_id: str) -> dict:
+    """A reply about another run is not an answer to this request."""
+    if result["run_id"] != run_id:
+        raise BadGateway("the container integration answered about another run")
+    return result
 
 
 class EventsBackend(Backend):
@@ -58,11 +64,12 @@ class EventsBackend(Backend):
                 payload[key] = getattr(request, key)
         # 0 or absent means "the integration's limit", so wait for the longest run we accept.
         wait = (request.timeout_seconds or self._settings.max_run_timeout) + self._settings.run_timeout_grace
-        return self._ask(RUN, payload, run_result_schema, "run", timeout=wait)
+        return same_run(self._ask(RUN, payload, run_result_schema, "run", timeout=wait), request.run_id)
 
     def delete(self, account, run_id):
         result = self._ask(DELETE, {"run_id": run_id, "owner_account_id": account}, delete_result_schema, "delete")
         check_owner(result, account)
+        same_run(result, run_id)
         if not result["deleted"]:
             raise BadGateway("the container integration did not delete the run")
         return result

@@ -1,11 +1,10 @@
 """Request/reply over the Bus Events API: publish a request, wait for its correlated reply."""
 import logging
 import uuid
-from typing import List
+from typing import Dict, Optional, Tuple
 
-from ..errors import BadGateway, Unavailable
 from ..logs import backend_timer
-from .client import EventsClient, EventsRejected, EventsUnavailable
+from .client import EventsClient, EventsError, EventsRejected, ListenerDown
 from .listener import Listener
 from .replies import ReplyRegistry
 
@@ -19,66 +18,87 @@ def reply_name_for(request_name: str) -> str:
     return request_name[: -len(".request")] + ".response"
 
 
+def envelope_error(envelope: dict) -> Optional[Tuple[Optional[str], Optional[str]]]:
+    """(type, message) of a reply envelope's error, or None; `code` is read as `type`, non-strings as absent."""
+    error = envelope.get("error")
+    if error is None:
+        return None
+    if not isinstance(error, dict):
+        return None, None
+    kind, message = error.get("type", error.get("code")), error.get("message")
+    return (kind if isinstance(kind, str) else None), (message if isinstance(message, str) else None)
+
+
 class Bus:
-    """One process's side of the Events API: a listener per reply name and one waiter registry."""
+    """One process's side of the Events API: a listener per reply name and one waiter registry.
+
+    Failures are raised as the client's EventsError tree; the app's error
+    handler turns them into 502/503.
+    """
 
     def __init__(self, settings, client: EventsClient = None):
         self._settings = settings
-        self._reply_names = []
+        self._reply_names = set()
         self.client = client or EventsClient(settings.events_url, settings.api_token,
                                              publish_timeout=settings.request_timeout)
         self.registry = ReplyRegistry()
-        self._listeners: List[Listener] = []
+        self._listeners: Dict[str, Listener] = {}
 
     def listen_for(self, *reply_names: str) -> None:
         """Name the reply streams start() opens; before start only."""
-        self._reply_names = sorted(set(self._reply_names) | set(reply_names))
+        self._reply_names.update(reply_names)
 
     def start(self) -> None:
         """Open the reply streams; called in each worker after fork, never at import."""
         if self._listeners:
             return
         s = self._settings
-        for name in self._reply_names:
-            listener = Listener(self.client, name, self.registry, retry=s.listener_retry,
-                                retry_min=s.listener_retry_min, retry_max=s.listener_retry_max,
-                                down_grace=s.listener_down_grace, idle_timeout=STREAM_IDLE_TIMEOUT)
-            listener.start()
-            self._listeners.append(listener)
+        for name in sorted(self._reply_names):
+            self._listeners[name] = Listener(
+                self.client, name, self.registry, retry=s.listener_retry, retry_min=s.listener_retry_min,
+                retry_max=s.listener_retry_max, down_grace=s.listener_down_grace, idle_timeout=STREAM_IDLE_TIMEOUT)
+            self._listeners[name].start()
 
     def stop(self) -> None:
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
+        listeners, self._listeners = self._listeners, {}
+        for listener in listeners.values():
             listener.stop()
         self.client.close()
 
-    def disconnected(self) -> List[str]:
+    def disconnected(self) -> list:
         if not self._listeners:
-            return list(self._reply_names)
-        return [listener.reply_name for listener in self._listeners if not listener.connected]
+            return sorted(self._reply_names)
+        return [name for name, listener in sorted(self._listeners.items()) if not listener.connected]
 
     def wait_connected(self, timeout: float) -> bool:
-        return all(listener.wait_connected(timeout) for listener in self._listeners)
+        return all(listener.wait_connected(timeout) for listener in self._listeners.values())
 
     def request(self, request_name: str, payload: dict, timeout: float) -> dict:
-        """Publish `request_name` and return its reply envelope, or raise Unavailable/BadGateway."""
+        """Publish `request_name` and return its reply envelope."""
         with backend_timer():
             return self._request(request_name, payload, timeout)
 
     def _request(self, request_name: str, payload: dict, timeout: float) -> dict:
+        reply_name = reply_name_for(request_name)
+        listener = self._listeners.get(reply_name)
+        # Never publish while the reply stream is closed (start-up, a reconnect):
+        # the reply would be lost and the caller would wait out the whole timeout.
+        if listener is None or not listener.wait_connected(self._settings.listener_down_grace):
+            raise ListenerDown(f"the {reply_name} listener is not connected")
         correlation_id = str(uuid.uuid4())
-        waiter = self.registry.register(reply_name_for(request_name), correlation_id)
+        waiter = self.registry.register(reply_name, correlation_id)
         try:
             try:
                 self.client.publish(request_name, correlation_id, payload)
             except EventsRejected as exc:
-                log.error("%s", exc)
                 if exc.unauthorized:
-                    raise Unavailable("the Events API refused the provider's credentials") from None
-                raise BadGateway("the Events API refused the request as malformed") from None
-            except EventsUnavailable as exc:
+                    log.error("the Events API refused the provider's token for %s (HTTP %d)", request_name, exc.status)
+                else:
+                    log.error("%s", exc)
+                raise
+            except EventsError as exc:
                 log.warning("%s", exc)
-                raise Unavailable("the Events API is unreachable") from None
+                raise
             return waiter.wait(timeout)
         finally:
             self.registry.discard(waiter)

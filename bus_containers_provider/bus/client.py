@@ -27,8 +27,19 @@ class EventsUnavailable(EventsError):
     """
 
 
+class ReplyTimeout(EventsUnavailable):
+    """No reply within the wait; the request may still be carried out, so a retry may repeat it."""
+
+
+class ListenerDown(EventsUnavailable):
+    """The reply stream for this request is not connected, so no reply could arrive."""
+
+
 class EventsRejected(EventsError):
-    """The API refused our request with a 4xx; the same request will be refused again."""
+    """The API refused our request with a 4xx."""
+
+    # Statuses that say the request itself is malformed: sending it again cannot help.
+    MALFORMED = frozenset({400, 404, 413, 422})
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -38,6 +49,10 @@ class EventsRejected(EventsError):
     def unauthorized(self) -> bool:
         """401/403: the provider's own token is missing, wrong, or lacks the event's resource."""
         return self.status in (401, 403)
+
+    @property
+    def malformed(self) -> bool:
+        return self.status in self.MALFORMED
 
 
 class StreamBroken(EventsUnavailable):
@@ -132,9 +147,14 @@ def _envelopes(raw, name: str) -> Iterator[dict]:
                 yield envelope
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse(line: bytes, name: str) -> Optional[dict]:
     try:
-        envelope = json.loads(line)
+        # NaN and Infinity are not JSON: passing them on would make our own answers invalid JSON.
+        envelope = json.loads(line, parse_constant=_refuse_constant)
     except ValueError:
         envelope = None
     if not isinstance(envelope, dict):
@@ -144,7 +164,7 @@ def _parse(line: bytes, name: str) -> Optional[dict]:
 
 
 def _check(response: requests.Response, what: str) -> None:
-    if response.status_code in (200, 201, 202):
+    if response.status_code in (200, 202):
         return
     if 400 <= response.status_code < 500:
         raise EventsRejected(response.status_code, f"{what}: the Events API answered {response.status_code}")

@@ -33,7 +33,8 @@ class Listener(threading.Thread):
         self._connected = threading.Event()
         self._raw = None
         self._grace_timer = None
-        self._state_lock = threading.Lock()
+        # Connected state, the registry's up/down mark and the grace timer change together.
+        self._state_lock = threading.RLock()
 
     @property
     def connected(self) -> bool:
@@ -70,7 +71,9 @@ class Listener(threading.Thread):
                 if reason is not None and not self._retry:
                     log.error("the %s listener stays down (BUS_EVENTS_LISTENER_RETRY is not set)",
                               self.reply_name)
-                    self._registry.mark_down(self.reply_name, reason)
+                    with self._state_lock:
+                        self._cancel_grace()
+                        self._registry.mark_down(self.reply_name, reason)
                     return
                 # A failure, or a stream that ends as soon as it opens: back off.
                 self._stopping.wait(delay)
@@ -99,28 +102,30 @@ class Listener(threading.Thread):
             return "unexpected error"
         finally:
             self._raw = None
-            if self._connected.is_set():
-                self._connected.clear()
-                self._went_down("stream ended")
+            with self._state_lock:
+                if self._connected.is_set():
+                    self._connected.clear()
+                    self._went_down("stream ended")
 
     def _opened(self, raw) -> None:
         self._raw = raw
-        self._cancel_grace()
-        self._registry.mark_up(self.reply_name)
-        self._connected.set()
+        with self._state_lock:
+            self._cancel_grace()
+            self._registry.mark_up(self.reply_name)
+            self._connected.set()
         log.info("listening for %s", self.reply_name)
 
     def _went_down(self, reason: str) -> None:
-        self._cancel_grace()
-        timer = threading.Timer(self._down_grace, self._grace_over, args=(reason,))
-        timer.daemon = True
         with self._state_lock:
-            self._grace_timer = timer
-        timer.start()
+            self._cancel_grace()
+            self._grace_timer = threading.Timer(self._down_grace, self._grace_over, args=(reason,))
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
 
     def _grace_over(self, reason: str) -> None:
-        if not self.connected and not self._stopping.is_set():
-            self._registry.mark_down(self.reply_name, reason)
+        with self._state_lock:
+            if not self.connected and not self._stopping.is_set():
+                self._registry.mark_down(self.reply_name, reason)
 
     def _cancel_grace(self) -> None:
         with self._state_lock:

@@ -2,7 +2,7 @@
 import threading
 from typing import Dict, Optional
 
-from ..errors import Unavailable
+from .client import ListenerDown, ReplyTimeout
 
 
 class Waiter:
@@ -23,9 +23,9 @@ class Waiter:
             self._done.set()
 
     def wait(self, timeout: float) -> dict:
-        """The reply envelope; Unavailable when none came within `timeout` seconds."""
+        """The reply envelope; ReplyTimeout when none came within `timeout` seconds."""
         if not self._done.wait(timeout):
-            raise Unavailable(f"no {self.reply_name} reply within {timeout:g}s")
+            raise ReplyTimeout(f"no {self.reply_name} reply within {timeout:g}s")
         if self._error is not None:
             raise self._error
         return self._envelope
@@ -37,16 +37,17 @@ class ReplyRegistry:
     def __init__(self):
         self._lock = threading.Lock()
         self._waiters: Dict[str, Waiter] = {}
-        self._down: Dict[str, Exception] = {}
+        self._down: Dict[str, str] = {}
 
     def register(self, reply_name: str, correlation_id: str) -> Waiter:
         """Add a waiter (before publishing, so a fast reply finds it); refuse while the reply stream is down."""
         waiter = Waiter(reply_name, correlation_id)
         with self._lock:
-            error = self._down.get(reply_name)
-            if error is not None:
-                raise error
-            self._waiters[correlation_id] = waiter
+            reason = self._down.get(reply_name)
+            if reason is None:
+                self._waiters[correlation_id] = waiter
+        if reason is not None:
+            raise ListenerDown(f"the {reply_name} listener is not connected ({reason})")
         return waiter
 
     def discard(self, waiter: Waiter) -> None:
@@ -69,9 +70,9 @@ class ReplyRegistry:
 
     def mark_down(self, reply_name: str, reason: str) -> None:
         """Fail every request waiting on `reply_name`, and refuse new ones until mark_up."""
-        error = Unavailable(f"the {reply_name} listener is not connected ({reason})")
+        error = ListenerDown(f"the {reply_name} listener is not connected ({reason})")
         with self._lock:
-            self._down[reply_name] = error
+            self._down[reply_name] = reason
             failed = [w for w in self._waiters.values() if w.reply_name == reply_name]
             for waiter in failed:
                 del self._waiters[waiter.correlation_id]

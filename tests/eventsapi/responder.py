@@ -108,6 +108,7 @@ class Responder:
         self.billing_default = {"allowed": True}
         self.usage_records = []
         self.refuse_usage = {}
+        self.hold_usage = set()
         self.publish_errors = 0
         self._lock = threading.Lock()
         self._runs = {}
@@ -370,7 +371,10 @@ class Responder:
 
     def _on_usage(self, payload):
         with self._lock:
-            # refuse_usage[event_type] = N: answer the next N such records with an error envelope.
+            # hold_usage: event types never answered; refuse_usage[event_type] = N: the next N
+            # such records are answered with an error envelope.
+            if payload.get("event_type") in self.hold_usage:
+                return None
             if self.refuse_usage.get(payload.get("event_type"), 0) > 0:
                 self.refuse_usage[payload["event_type"]] -= 1
                 return _Reply({}, error={"type": "usage_unavailable", "message": "usage store down"})
