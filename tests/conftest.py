@@ -78,3 +78,13 @@ def connected(app, timeout=5.0):
     bus = app.extensions["bus_containers"].bus
     assert bus.wait_connected(timeout), f"listeners not connected: {bus.disconnected()}"
     return app
+
+
+class AnsweringBus:
+    """Answers every request with one fixed envelope: for tests of how replies are read, not carried."""
+
+    def __init__(self, envelope):
+        self.envelope = envelope
+
+    def request(self, name, payload, timeout):
+        return self.envelope

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from conftest import INTERNAL, bearer, connected, events_env
+from conftest import INTERNAL, AnsweringBus, bearer, connected, events_env
 
 RUNS = "/api/v1/containers/runs"
 STATUS = "/api/v1/containers/status"
@@ -203,14 +203,6 @@ def test_events_url_with_api_suffix_is_trimmed(events_server):
     assert app.extensions["bus_containers"].settings.events_url == events_server.url
 
 
-class _AnsweringBus:
-    def __init__(self, envelope):
-        self.envelope = envelope
-
-    def request(self, name, payload, timeout):
-        return self.envelope
-
-
 @pytest.mark.parametrize("action", ["run", "delete"])
 def test_a_reply_about_another_run_is_502(action):
     from bus_containers_provider.backends import RunRequest
@@ -221,7 +213,7 @@ def test_a_reply_about_another_run_is_502(action):
     reply = {"run_id": "run_other", "owner_account_id": "acct-a", "deleted": True, "runner_name": "r",
              "image": "alpine", "args": [], "exit_code": 0, "stdout": "", "stderr": "", "duration_ms": 1,
              "runtime": {"state": "ready", "provider": "r"}}
-    backend = EventsBackend(_AnsweringBus({"payload": reply}), Settings(jwt_secret=b"x" * 32))
+    backend = EventsBackend(AnsweringBus({"payload": reply}), Settings(jwt_secret=b"x" * 32))
     with pytest.raises(BadGateway):
         if action == "run":
             backend.run(RunRequest(run_id="run_mine", owner_account_id="acct-a", command=["true"], image="alpine"))

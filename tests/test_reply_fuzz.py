@@ -11,6 +11,7 @@ from bus_containers_provider.billing import EventsBilling
 from bus_containers_provider.config import Settings
 from bus_containers_provider.errors import ProviderError
 from bus_containers_provider.usage import EventsUsage
+from conftest import AnsweringBus
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
@@ -26,14 +27,6 @@ errors = st.one_of(st.none(), json_values, st.fixed_dictionaries(
                   "code": json_values, "message": json_values, "quota": json_values}))
 envelopes = st.builds(lambda payload, error: {"payload": payload, **({"error": error} if error is not None else {})},
                       payloads, errors)
-
-
-class AnsweringBus:
-    def __init__(self, envelope):
-        self.envelope = envelope
-
-    def request(self, name, payload, timeout):
-        return self.envelope
 
 
 RUN = RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"], image="alpine")

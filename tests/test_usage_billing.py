@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import bearer, connected, env, events_env
+from conftest import AnsweringBus, bearer, connected, env, events_env
 
 RUNS = "/api/v1/containers/runs"
 BILLING = "bus.billing.entitlement.check.request"
@@ -187,16 +187,6 @@ def test_none_usage_publishes_nothing(events_server):
     assert app.extensions["bus_containers"].bus is None and events_server.published() == []
 
 
-class _AnsweringBus:
-    """Answers every request with one fixed envelope: the mapping of replies is under test here."""
-
-    def __init__(self, envelope):
-        self.envelope = envelope
-
-    def request(self, name, payload, timeout):
-        return self.envelope
-
-
 @pytest.mark.parametrize("envelope,status,action", [
     ({"error": {"type": "quota_exceeded", "message": "daily runtime used up"}}, 402, "upgrade_plan"),
     ({"error": {"type": ["quota_exceeded"]}}, 502, None),
@@ -214,7 +204,7 @@ def test_billing_reply_mapping(envelope, status, action):
     from bus_containers_provider.errors import ProviderError
 
     with pytest.raises(ProviderError) as raised:
-        EventsBilling(_AnsweringBus(envelope), 1).check("acct-a")
+        EventsBilling(AnsweringBus(envelope), 1).check("acct-a")
     assert raised.value.status == status and raised.value.action == action
     if status == 402:
         assert raised.value.command == "bus billing setup"
@@ -227,6 +217,6 @@ def test_quota_in_a_denial_envelope_reaches_the_caller():
     quota = {"feature": "container:run", "meter": "bus_container_runtime_seconds", "window": "month",
              "used": 36000, "limit": 36000}
     with pytest.raises(BillingRequired) as raised:
-        EventsBilling(_AnsweringBus({"error": {"type": "quota_exceeded", "quota": quota}}), 1).check("acct-a")
+        EventsBilling(AnsweringBus({"error": {"type": "quota_exceeded", "quota": quota}}), 1).check("acct-a")
     assert raised.value.details["quota"] == quota and raised.value.action == "upgrade_plan"
     assert "36000" in raised.value.message
