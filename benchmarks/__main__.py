@@ -23,7 +23,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import EVENTS_TOKEN, SECRET, WORKER_TOKEN, token  # noqa: E402
+from conftest import EVENTS_TOKEN, WORKER_TOKEN, token  # noqa: E402
 from eventsapi import EventsServer, Responder  # noqa: E402
 from processes import console_script, free_port, provider_env, running  # noqa: E402
 
@@ -72,7 +72,7 @@ def rss_kib(pid: int) -> int:
 
 def in_flight() -> None:
     with EventsServer(tokens={EVENTS_TOKEN: None, WORKER_TOKEN: None}) as server, \
-            Responder(server.url, WORKER_TOKEN) as responder:
+            Responder(server.url, WORKER_TOKEN):
         env = provider_env(BUS_API_TOKEN=EVENTS_TOKEN, BUS_EVENTS_LISTENER_RETRY="1",
                            BUS_EVENTS_LISTENER_REQUIRED="1")
         threads = str(max(32, IN_FLIGHT // 2 + 16))

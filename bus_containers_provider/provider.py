@@ -1,5 +1,4 @@
 """The per-app parts (settings, verifier, backend, usage, billing, Events bus) and the run flow."""
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,8 +9,6 @@ from .billing import EventsBilling, NoBilling
 from .config import Settings
 from .errors import as_provider_error
 from .usage import FAILED, FINISHED, REQUESTED, EventsUsage, MemoryUsage, NoUsage, usage_event
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

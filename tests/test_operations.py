@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from conftest import EVENTS_TOKEN, SECRET, bearer, events_env
-from processes import console_script, gunicorn_conf, provider_env, stop
+from processes import console_script, gunicorn_conf, provider_env
 
 RUNS = "/api/v1/containers/runs"
 

@@ -118,6 +118,8 @@ class Listener(threading.Thread):
     def _went_down(self, reason: str) -> None:
         with self._state_lock:
             self._cancel_grace()
+            if self._stopping.is_set():
+                return
             self._grace_timer = threading.Timer(self._down_grace, self._grace_over, args=(reason,))
             self._grace_timer.daemon = True
             self._grace_timer.start()
