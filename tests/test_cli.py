@@ -1,5 +1,6 @@
 """The console script and gunicorn.conf.py: flags, start-up errors, and serving over real sockets."""
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -95,3 +96,10 @@ def test_static_backend_serves_one_worker_unless_told():
         pass
     assert provider.output.count("Booting worker") == 2
     assert "static backend keeps runs per process" in provider.output
+
+
+def test_importing_the_package_starts_no_thread():
+    code = ("import threading, bus_containers_provider, bus_containers_provider.serving, "
+            "bus_containers_provider.bus; print(threading.active_count())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "1", result.stderr

@@ -236,3 +236,38 @@ def test_requests_wait_for_a_reconnecting_stream_instead_of_publishing_into_the_
     response = run(client, timeout_seconds=10)
     assert response.status_code == 200
     assert time.monotonic() - started < 2  # it waited for the stream, not for a lost reply's timeout
+
+
+def test_building_the_app_starts_no_thread_and_opens_no_stream(events_server):
+    import threading
+
+    from bus_containers_provider import create_app, start, stop
+
+    before = set(threading.enumerate())
+    app = create_app(events_env(events_server, BUS_CONTAINERS_USAGE_BACKEND="events"))
+    assert set(threading.enumerate()) == before and events_server.streams_opened() == 0
+    start(app)
+    try:
+        connected(app)
+        assert events_server.open_streams() == 7  # six container replies and usage
+    finally:
+        stop(app)
+    assert events_server.wait_for_streams(0, timeout=5)
+
+
+def test_a_refused_provider_token_is_logged_with_the_event_name_never_the_token(events_server, caplog):
+    from bus_containers_provider import create_app, start, stop
+
+    app = create_app(dict(events_env(events_server), BUS_API_TOKEN="wrong-token-value",
+                          BUS_EVENTS_LISTENER_REQUIRED="1"))
+    start(app)
+    try:
+        deadline = time.monotonic() + 5
+        while "refused the provider's token for bus.containers.run.response" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        assert app.test_client().get("/readyz").status_code == 503
+        assert app.test_client().get(STATUS, headers=bearer()).status_code == 503
+    finally:
+        stop(app)
+    assert "wrong-token-value" not in caplog.text
