@@ -73,8 +73,8 @@ class Unavailable(ProviderError):
     status, type, default_message = 503, "unavailable", "the container backend is unavailable"
 
 
-# Werkzeug's own HTTP errors (routing, body size, media type) keep their status.
-_HTTP_TYPES = {
+# Errors raised below the app (Werkzeug routing, body size; gunicorn framing) keep their status.
+HTTP_TYPES = {
     400: "bad_request",
     401: "invalid_auth",
     403: "forbidden",
@@ -111,7 +111,7 @@ def _http_error(exc: HTTPException):
     status = exc.code or 500
     headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "www-authenticate", "retry-after")}
     message = (exc.description or exc.name).strip()
-    return error_response(status, _HTTP_TYPES.get(status, exc.name.lower().replace(" ", "_")), message,
+    return error_response(status, HTTP_TYPES.get(status, exc.name.lower().replace(" ", "_")), message,
                           headers=headers)
 
 

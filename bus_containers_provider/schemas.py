@@ -5,6 +5,21 @@ from marshmallow import (
 
 
 
+class Reply(Schema):
+    """What integrations send: fields we do not know are ignored, not refused."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+
+class OwnedReply(Reply):
+    """A reply naming its owner; integrations may call the owner owner_identity_id."""
+
+    @pre_load
+    def _owner_synonym(self, data, **kwargs):
+        return _owner_from_identity(data)
+
+
 class RunRequestSchema(Schema):
     """Body of POST /runs: a profile and/or an image, and the command to run."""
 
@@ -31,19 +46,13 @@ class RunRequestSchema(Schema):
         return data
 
 
-class RuntimeSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class RuntimeSchema(Reply):
     state = fields.String(required=True)
     provider = fields.String(required=True)
 
 
-class RunResultSchema(Schema):
+class RunResultSchema(OwnedReply):
     """A finished run, as answered to the caller and as read from a run reply."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     run_id = fields.String(required=True)
     owner_account_id = fields.String(required=True)
@@ -56,82 +65,46 @@ class RunResultSchema(Schema):
     duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0))
     runtime = fields.Nested(RuntimeSchema, required=True)
 
-    @pre_load
-    def _owner_synonym(self, data, **kwargs):
-        return _owner_from_identity(data)
 
-
-class StatusItemSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class StatusItemSchema(OwnedReply):
     id = fields.String(required=True)
     state = fields.String(required=True)
     owner_account_id = fields.String()
     details = fields.Dict(keys=fields.String())
 
-    @pre_load
-    def _owner_synonym(self, data, **kwargs):
-        return _owner_from_identity(data)
 
-
-class ItemsSchema(Schema):
+class ItemsSchema(Reply):
     """Status and run listings: {"items": [...]}."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     items = fields.List(fields.Nested(StatusItemSchema), required=True)
 
 
-class DeleteResultSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class DeleteResultSchema(OwnedReply):
     deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
     run_id = fields.String(required=True)
     owner_account_id = fields.String(required=True)
 
-    @pre_load
-    def _owner_synonym(self, data, **kwargs):
-        return _owner_from_identity(data)
 
-
-class RunnerStateSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class RunnerStateSchema(Reply):
     state = fields.String(required=True)
     provider = fields.String(required=True)
     details = fields.Dict(keys=fields.String(), load_default=dict)
 
 
-class RunnerStatusSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class RunnerStatusSchema(Reply):
     status = fields.Nested(RunnerStateSchema, required=True)
 
 
-class RunnerStartSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class RunnerStartSchema(Reply):
     accepted = fields.Boolean(required=True, truthy={True}, falsy={False})
     action = fields.String(load_default="start")
 
 
-class RunnerDeleteSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class RunnerDeleteSchema(Reply):
     deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
 
 
-class QuotaSchema(Schema):
-    class Meta:
-        unknown = EXCLUDE
-
+class QuotaSchema(Reply):
     feature = fields.String(required=True)
     meter = fields.String(required=True)
     window = fields.String(required=True)
@@ -139,11 +112,8 @@ class QuotaSchema(Schema):
     limit = fields.Float(required=True)
 
 
-class BillingReplySchema(Schema):
+class BillingReplySchema(Reply):
     """bus.billing.entitlement.check.response payload."""
-
-    class Meta:
-        unknown = EXCLUDE
 
     allowed = fields.Boolean(required=True, truthy={True}, falsy={False})
     reason = fields.String()

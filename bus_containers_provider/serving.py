@@ -8,6 +8,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import create_app, start, stop
+from .errors import HTTP_TYPES
 
 log = logging.getLogger("bus_containers_provider")
 
@@ -35,9 +36,7 @@ LOGGING = {
 
 def write_json_error(sock, status_int, reason, mesg):
     """gunicorn's own answers (request line too long, headers too large, bad framing), as the JSON envelope."""
-    error_type = {401: "invalid_auth", 403: "forbidden", 404: "not_found"}.get(status_int, "bad_request")
-    if status_int >= 500:
-        error_type = "unavailable"
+    error_type = "unavailable" if status_int >= 500 else HTTP_TYPES.get(status_int, "bad_request")
     body = json.dumps({"error": {"type": error_type, "message": reason}}).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
