@@ -23,6 +23,10 @@ environment:
   BUS_EVENTS_LISTENER_DOWN_GRACE  how long waiting requests survive a dropped reply stream
                                   before failing 503 (default 3s)
   BUS_CONTAINERS_SHUTDOWN_GRACE   on SIGTERM, how long in-flight runs may finish (default 60s)
+  BUS_EVENTS_LISTENER_IDLE_TIMEOUT  a silent reply stream is reopened, make-before-break,
+                                  after this long (default 60s)
+  BUS_CONTAINERS_RESERVED_THREADS request threads per worker that runs never take, kept for
+                                  status, reads, deletes and /readyz (default threads/8, at least 2)
   Every flag also reads the variable named in its help; the flag wins.
 
 commands:
@@ -71,6 +75,17 @@ def _serve_parser() -> argparse.ArgumentParser:
     add("--workers", type=int, metavar="N",
         help="gunicorn worker processes (BUS_CONTAINERS_WORKERS, default 2; 1 with the static backend)")
     add("--threads", type=int, metavar="N", help="request threads per worker (BUS_CONTAINERS_THREADS, default 32)")
+    add("--max-runs-per-account", type=int, metavar="N",
+        help="runs one account may have in flight at once, 0 = no limit "
+             "(BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT, default 4)")
+    add("--max-output-bytes", type=int, metavar="N",
+        help="cap on each of stdout and stderr in a run result (BUS_CONTAINERS_MAX_OUTPUT_BYTES, default 1048576)")
+    add("--idempotency-ttl", type=_Duration(), metavar="DURATION",
+        help="how long an Idempotency-Key is remembered (BUS_CONTAINERS_IDEMPOTENCY_TTL, default 24h)")
+    add("--state-url", metavar="URL",
+        help="shared store for run controls, redis:// or rediss:// (BUS_CONTAINERS_STATE_URL, default in-process)")
+    add("--metrics-addr", metavar="HOST:PORT",
+        help="serve Prometheus /metrics on this address (BUS_CONTAINERS_METRICS_ADDR, default off)")
     return parser
 
 

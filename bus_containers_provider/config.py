@@ -16,6 +16,12 @@ BILLING_BACKENDS = ("none", "events")
 # RFC 8725 §3.5: an HMAC key must carry at least as many bits as the hash.
 MIN_SECRET_BYTES = 32
 
+# §7: per-account in-flight runs, output cap per stream, idempotency memory.
+DEFAULT_MAX_RUNS_PER_ACCOUNT = 4
+DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
+STATE_SCHEMES = ("redis://", "rediss://")
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -67,6 +73,16 @@ class Settings:
     listener_down_grace: float = 3.0
     # SIGTERM lets in-flight runs finish for this long before workers are stopped.
     shutdown_grace: float = 60.0
+    # An idle reply stream is reopened (make-before-break) after this long; the API sends no heartbeat.
+    listener_idle_timeout: float = 60.0
+    max_runs_per_account: int = DEFAULT_MAX_RUNS_PER_ACCOUNT
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
+    # A redis:// URL may carry a password: never in repr or logs.
+    state_url: Optional[str] = dataclasses.field(default=None, repr=False)
+    metrics_addr: Optional[str] = None
+    # Request threads per worker that runs may never take (None: derived from threads).
+    reserved_threads: Optional[int] = None
 
     @property
     def uses_events(self) -> bool:
@@ -79,11 +95,24 @@ class Settings:
             return self.workers
         return 1 if self.backend == "static" else 2
 
+    @property
+    def effective_reserved_threads(self) -> int:
+        # An eighth of the threads, at least 2, and never all of them: one thread always runs.
+        if self.reserved_threads is not None:
+            return min(self.reserved_threads, self.threads - 1)
+        return min(max(2, self.threads // 8), self.threads - 1)
+
+    @property
+    def run_capacity(self) -> int:
+        """Runs one worker holds at once; the other threads stay free for everything else."""
+        return self.threads - self.effective_reserved_threads
+
     def redacted(self) -> dict:
         """The effective configuration, safe to log."""
         shown = dataclasses.asdict(self)
         shown["jwt_secret"] = "<redacted>"
         shown["api_token"] = "<redacted>" if self.api_token else None
+        shown["state_url"] = _redact_url(self.state_url)
         return shown
 
     def validate(self) -> "Settings":
@@ -96,14 +125,21 @@ class Settings:
             raise ConfigError("an events backend needs --events-url (or BUS_EVENTS_API_URL)")
         if self.uses_events and not self.api_token:
             raise ConfigError("an events backend needs BUS_API_TOKEN in the environment")
-        for flag, value in (("--workers", self.workers), ("--threads", self.threads)):
+        for flag, value in (("--workers", self.workers), ("--threads", self.threads),
+                            ("--max-output-bytes", self.max_output_bytes)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be at least 1")
+        for flag, value in (("--max-runs-per-account", self.max_runs_per_account),
+                            ("BUS_CONTAINERS_RESERVED_THREADS", self.reserved_threads)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must not be negative")
         for flag, value in (
             ("--request-timeout", self.request_timeout),
             ("--max-run-timeout", self.max_run_timeout),
             ("BUS_EVENTS_LISTENER_RETRY_MIN", self.listener_retry_min),
             ("BUS_EVENTS_LISTENER_DOWN_GRACE", self.listener_down_grace),
+            ("BUS_EVENTS_LISTENER_IDLE_TIMEOUT", self.listener_idle_timeout),
+            ("--idempotency-ttl", self.idempotency_ttl),
         ):
             if value <= 0:
                 raise ConfigError(f"{flag} must be greater than zero")
@@ -111,7 +147,11 @@ class Settings:
             raise ConfigError("BUS_EVENTS_LISTENER_RETRY_MAX must not be below BUS_EVENTS_LISTENER_RETRY_MIN")
         if self.shutdown_grace < 0:
             raise ConfigError("BUS_CONTAINERS_SHUTDOWN_GRACE must not be negative")
+        if self.state_url is not None and not self.state_url.startswith(STATE_SCHEMES):
+            raise ConfigError("--state-url (BUS_CONTAINERS_STATE_URL) must be a redis:// or rediss:// URL")
         _host_port(self.addr)
+        if self.metrics_addr is not None:
+            _host_port(self.metrics_addr, "--metrics-addr (BUS_CONTAINERS_METRICS_ADDR)")
         return self
 
 
@@ -120,11 +160,20 @@ def _choice(flag: str, value: str, accepted: tuple) -> None:
         raise ConfigError(f"{flag} must be one of {', '.join(accepted)} (got {value!r})")
 
 
-def _host_port(addr: str) -> tuple:
+def _host_port(addr: str, flag: str = "--addr (BUS_CONTAINERS_ADDR)") -> tuple:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--addr (BUS_CONTAINERS_ADDR) must be HOST:PORT (got {addr!r})")
+        raise ConfigError(f"{flag} must be HOST:PORT (got {addr!r})")
     return host, int(port)
+
+
+def _redact_url(url: Optional[str]) -> Optional[str]:
+    """The URL without its credentials."""
+    if not url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    return f"{scheme}{sep}<redacted>@{hostpart}" if at else url
 
 
 def trim_events_url(url: Optional[str]) -> Optional[str]:
@@ -155,6 +204,13 @@ ENVIRONMENT = {
     "BUS_EVENTS_LISTENER_RETRY_MAX": ("listener_retry_max", parse_duration),
     "BUS_EVENTS_LISTENER_DOWN_GRACE": ("listener_down_grace", parse_duration),
     "BUS_CONTAINERS_SHUTDOWN_GRACE": ("shutdown_grace", parse_duration),
+    "BUS_EVENTS_LISTENER_IDLE_TIMEOUT": ("listener_idle_timeout", parse_duration),
+    "BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT": ("max_runs_per_account", int),
+    "BUS_CONTAINERS_MAX_OUTPUT_BYTES": ("max_output_bytes", int),
+    "BUS_CONTAINERS_IDEMPOTENCY_TTL": ("idempotency_ttl", parse_duration),
+    "BUS_CONTAINERS_STATE_URL": ("state_url", str),
+    "BUS_CONTAINERS_METRICS_ADDR": ("metrics_addr", str),
+    "BUS_CONTAINERS_RESERVED_THREADS": ("reserved_threads", int),
 }
 
 SECRET_VARIABLES = ("BUS_CONTAINERS_JWT_SECRET", "BUS_API_JWT_SECRET")

@@ -47,6 +47,21 @@ class NotFound(ProviderError):
     status, type, default_message = 404, "not_found", "not found"
 
 
+class Conflict(ProviderError):
+    """The same Idempotency-Key names a run still in flight that this request cannot wait for."""
+
+    status, type, default_message = 409, "conflict", "a run with this Idempotency-Key is still in flight"
+
+
+class IdempotencyKeyReused(ProviderError):
+    status, type, default_message = 422, "idempotency_key_reused", \
+        "this Idempotency-Key was used with a different request body"
+
+
+class TooManyRuns(ProviderError):
+    status, type, default_message = 429, "too_many_runs", "the account already has its maximum of runs in flight"
+
+
 class UnsupportedMediaType(ProviderError):
     status, type, default_message = 415, "unsupported_media_type", "send the body as application/json"
 
@@ -68,9 +83,20 @@ class BadGateway(ProviderError):
 
 
 class Unavailable(ProviderError):
-    """No answer in time or no way to ask; a retry later may succeed."""
+    """No answer in time or no way to ask; a retry later may succeed, after Retry-After."""
 
     status, type, default_message = 503, "unavailable", "the container backend is unavailable"
+    retry_after = 1
+
+    def __init__(self, message=None, *, retry_after=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after or self.retry_after))
+
+
+class StateUnavailable(Unavailable):
+    """The shared run-control store cannot be reached: no run without its controls."""
+
+    default_message = "the run-control state store is unavailable"
 
 
 # Errors raised below the app (Werkzeug routing, body size; gunicorn framing) keep their status.
