@@ -93,6 +93,12 @@ class Unavailable(ProviderError):
         self.headers.setdefault("Retry-After", str(retry_after or self.retry_after))
 
 
+class RunCancelled(Unavailable):
+    """A run stopped waiting because its caller went away or the provider is shutting down."""
+
+    default_message = "the run was cancelled"
+
+
 class StateUnavailable(Unavailable):
     """The shared run-control store cannot be reached: no run without its controls."""
 

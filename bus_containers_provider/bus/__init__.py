@@ -1,7 +1,7 @@
 """Request/reply over the Bus Events API: publish a request, wait for its correlated reply."""
 import logging
 import uuid
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from ..logs import backend_timer
 from .client import EventsClient, EventsError, EventsRejected, ListenerDown
@@ -73,12 +73,23 @@ class Bus:
     def wait_connected(self, timeout: float) -> bool:
         return all(listener.wait_connected(timeout) for listener in self._listeners.values())
 
-    def request(self, request_name: str, payload: dict, timeout: float) -> dict:
-        """Publish `request_name` and return its reply envelope."""
-        with backend_timer():
-            return self._request(request_name, payload, timeout)
+    def request(self, request_name: str, payload: dict, timeout: float, *,
+                published: Optional[Callable[[], None]] = None,
+                cancelled: Optional[Callable[[], Optional[str]]] = None) -> dict:
+        """Publish `request_name` and return its reply envelope.
 
-    def _request(self, request_name: str, payload: dict, timeout: float) -> dict:
+        `published` is called once the Events API has accepted the request;
+        `cancelled` is asked while waiting, and a reason it returns ends the
+        wait with RunCancelled.
+        """
+        with backend_timer():
+            return self._request(request_name, payload, timeout, published, cancelled)
+
+    def notify(self, request_name: str, payload: dict) -> None:
+        """Publish without waiting for a reply (its reply, if any, finds no waiter and is dropped)."""
+        self.client.publish(request_name, str(uuid.uuid4()), payload)
+
+    def _request(self, request_name: str, payload: dict, timeout: float, published=None, cancelled=None) -> dict:
         reply_name = reply_name_for(request_name)
         listener = self._listeners.get(reply_name)
         # Never publish while the reply stream is closed (start-up, a reconnect):
@@ -99,6 +110,8 @@ class Bus:
             except EventsError as exc:
                 log.warning("%s", exc)
                 raise
-            return waiter.wait(timeout)
+            if published is not None:
+                published()
+            return waiter.wait(timeout, cancelled)
         finally:
             self.registry.discard(waiter)

@@ -1,8 +1,13 @@
 """Correlation id -> waiter: the one place replies meet the requests that wait for them."""
 import threading
-from typing import Dict, Optional
+import time
+from typing import Callable, Dict, Optional
 
+from ..errors import RunCancelled
 from .client import ListenerDown, ReplyTimeout
+
+# How often a wait asks whether it was cancelled (a caller gone is noticed within this).
+CANCEL_POLL_SECONDS = 0.5
 
 
 class Waiter:
@@ -22,9 +27,23 @@ class Waiter:
             self._envelope, self._error = envelope, error
             self._done.set()
 
-    def wait(self, timeout: float) -> dict:
-        """The reply envelope; ReplyTimeout when none came within `timeout` seconds."""
-        if not self._done.wait(timeout):
+    def wait(self, timeout: float, cancelled: Optional[Callable[[], Optional[str]]] = None) -> dict:
+        """The reply envelope; ReplyTimeout when none came within `timeout` seconds.
+
+        With `cancelled`, the wait is cut into short slices and ends with
+        RunCancelled as soon as it returns a reason.
+        """
+        if cancelled is None:
+            done = self._done.wait(timeout)
+        else:
+            deadline = time.monotonic() + timeout
+            while not (done := self._done.wait(min(CANCEL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))):
+                reason = cancelled()
+                if reason:
+                    raise RunCancelled(reason)
+                if time.monotonic() >= deadline:
+                    break
+        if not done:
             raise ReplyTimeout(f"no {self.reply_name} reply within {timeout:g}s")
         if self._error is not None:
             raise self._error
