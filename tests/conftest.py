@@ -86,5 +86,5 @@ class AnsweringBus:
     def __init__(self, envelope):
         self.envelope = envelope
 
-    def request(self, name, payload, timeout):
+    def request(self, name, payload, timeout, **options):
         return self.envelope
