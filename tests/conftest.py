@@ -90,3 +90,12 @@ class AnsweringBus:
 
     def request(self, name, payload, timeout, **options):
         return self.envelope
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free 127.0.0.1 port (tests/redisserver.py), removed after the test."""
+    from redisserver import RedisServer
+
+    with RedisServer() as server:
+        yield server
