@@ -154,6 +154,7 @@ def assert_cancelled(events_server, url, run_id, left_at):
     assert [r["data"]["reason"] for r in failed] == ["cancelled"]
     assert [r["event_id"] for r in failed] == [f"{run_id}:container_run_failed"]
     assert not [r for r in records if r["event_type"] == "container_run_finished"]
+    print(f"delete request published {noticed:.3f}s after the caller left")
     # The slot is free again: with a limit of one, the next run of the account runs.
     assert run(url, held(0)).status_code == 200
     return noticed
