@@ -355,3 +355,15 @@ def test_create_store_picks_the_adapter(redis_server):
         store.ping()
     finally:
         store.close()
+
+
+def test_the_in_process_store_forgets_the_oldest_answers_past_its_bound():
+    from bus_containers_provider.state.memory import MemoryStore
+
+    store = MemoryStore(max_records=3)
+    for n in range(5):
+        store.claim_key(f"s{n}", "f", f"r{n}", 30)
+        store.finish_key(f"s{n}", f"r{n}", {"status": 200, "body": {}, "headers": {}}, 3600)
+    assert [store.read_key(f"s{n}") is not None for n in range(5)] == [False, False, True, True, True]
+    store.claim_key("in-flight", "f", "r", 30)
+    assert store.read_key("in-flight") is not None and store.read_key("s2") is None

@@ -6,13 +6,16 @@ from typing import Dict, Optional, Tuple
 from .base import DONE, IN_FLIGHT, Claim
 
 SWEEP_SECONDS = 10.0
+# One process's memory: remembered answers beyond this are forgotten oldest first (Redis has no such bound).
+MAX_RECORDS = 10_000
 
 
 class MemoryStore:
     """Run controls for one process; same semantics as the Redis store, leases included."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, max_records: int = MAX_RECORDS):
         self._clock = clock
+        self._max_records = max_records
         self._lock = threading.Lock()
         self._keys: Dict[str, Tuple[Claim, float]] = {}  # scope -> (record, expiry)
         self._slots: Dict[str, Dict[str, float]] = {}  # account -> {run_id: expiry}
@@ -38,6 +41,7 @@ class MemoryStore:
                 return existing
             claim = Claim(IN_FLIGHT, fingerprint, run_id)
             self._keys[scope] = (claim, now + lease)
+            self._bound()
             return claim._replace(new=True)
 
     def read_key(self, scope):
@@ -49,7 +53,17 @@ class MemoryStore:
             now = self._clock()
             existing = self._live_key(scope, now)
             if existing is not None and existing.run_id == run_id:
+                self._keys.pop(scope)  # re-inserted last: the dict stays in order of answers
                 self._keys[scope] = (existing._replace(state=DONE, answer=answer), now + ttl)
+                self._bound()
+
+    def _bound(self) -> None:
+        # Answers can be large (capped output): the oldest go first past MAX_RECORDS.
+        while len(self._keys) > self._max_records:
+            oldest = next((scope for scope, (claim, _) in self._keys.items() if claim.state == DONE), None)
+            if oldest is None:
+                return
+            del self._keys[oldest]
 
     def drop_key(self, scope, run_id):
         with self._lock:
