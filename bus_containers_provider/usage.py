@@ -68,26 +68,36 @@ class EventsUsage(NoUsage):
     """--usage-backend events: each record waits for bus-integration-usage to confirm it.
 
     `record` (before a run) raises when the record cannot be made, so the run
-    does not start. `record_later` (after a run) hands the record to one
-    background sender, which retries a bounded number of times with backoff.
+    does not start. `record_later` (after a run) hands the record to a small
+    pool of background senders, so one record whose reply is slow holds one
+    sender, not the others; each record is retried a bounded number of times
+    with backoff. `stop` keeps sending for up to `flush_timeout` seconds, so
+    what is pending at shutdown is still recorded.
     """
 
     reply_names = ("bus.usage.record.response",)
     ATTEMPTS = 6
     BACKLOG = 10_000
+    SENDERS = 8
+    # While flushing, a refused record is tried again after at most this long.
+    FLUSH_RETRY_DELAY = 0.5
 
-    def __init__(self, bus, timeout: float, retry_delay: float = 1.0):
+    def __init__(self, bus, timeout: float, retry_delay: float = 1.0, *, senders: int = SENDERS,
+                 flush_timeout: float = None):
         self._bus = bus
         self._timeout = timeout
         self._retry_delay = retry_delay
+        self._senders = senders
+        self._flush_timeout = timeout + 5 if flush_timeout is None else flush_timeout
         self._due = []  # heap of (due time, sequence, attempt, event)
+        self._sending = {}  # event_id -> event, while a sender waits for its confirmation
         self._sequence = itertools.count()
         self._wake = threading.Condition()
-        self._stopping = False
-        self._thread = None
+        self._flush_by = None  # monotonic deadline once stop() began
+        self._threads = []
 
-    def record(self, event: dict) -> None:
-        envelope = self._bus.request(REQUEST, event, self._timeout)
+    def record(self, event: dict, timeout: float = None) -> None:
+        envelope = self._bus.request(REQUEST, event, self._timeout if timeout is None else timeout)
         payload = envelope.get("payload")
         if envelope_error(envelope) is not None or (isinstance(payload, dict) and payload.get("recorded") is False):
             raise Unavailable("the usage record was refused")
@@ -100,50 +110,78 @@ class EventsUsage(NoUsage):
             if len(self._due) >= self.BACKLOG:
                 log.error("usage %s for run %s dropped: the backlog is full", event["event_type"], _run(event))
                 return
+            if self._flush_by is not None:
+                delay = min(delay, self.FLUSH_RETRY_DELAY)
             heapq.heappush(self._due, (time.monotonic() + delay, next(self._sequence), attempt, event))
             self._wake.notify()
 
     def start(self) -> None:
-        self._stopping = False
-        self._thread = threading.Thread(target=self._send_loop, name="usage-sender", daemon=True)
-        self._thread.start()
+        with self._wake:
+            self._flush_by = None
+        self._threads = [threading.Thread(target=self._send_loop, name=f"usage-sender-{n}", daemon=True)
+                         for n in range(self._senders)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
+        """Send what is pending for up to `flush_timeout` seconds, then give up on the rest, loudly."""
         with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(self._timeout + 5)
-            self._thread = None
-        for _, _, _, event in self._due:
+            self._flush_by = time.monotonic() + self._flush_timeout
+            # Records waiting out a retry backoff are due now: there is no later.
+            self._due = [(0.0, seq, attempt, event) for _, seq, attempt, event in self._due]
+            heapq.heapify(self._due)
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(max(0.0, self._flush_by - time.monotonic()) + 1.0)
+        self._threads = []
+        with self._wake:
+            lost = [event for *_, event in self._due] + list(self._sending.values())
+            self._due.clear()
+        for event in lost:
             log.error("usage %s for run %s not recorded before shutdown", event["event_type"], _run(event))
-        self._due.clear()
 
     def _next_due(self):
-        """The next record whose time has come, or None when stopping."""
+        """The next record whose time has come; None once flushing is over."""
         with self._wake:
-            while not self._stopping:
-                wait = self._due[0][0] - time.monotonic() if self._due else None
+            while True:
+                now = time.monotonic()
+                if self._flush_by is not None and (now >= self._flush_by or not self._due):
+                    return None
+                wait = self._due[0][0] - now if self._due else None
                 if wait is not None and wait <= 0:
-                    return heapq.heappop(self._due)
+                    item = heapq.heappop(self._due)
+                    self._sending[item[3]["event_id"]] = item[3]
+                    return item
+                if self._flush_by is not None:
+                    wait = min(wait, self._flush_by - now)
                 self._wake.wait(wait)
-        return None
+
+    def _send_timeout(self) -> float:
+        with self._wake:
+            if self._flush_by is None:
+                return self._timeout
+            return max(0.1, min(self._timeout, self._flush_by - time.monotonic()))
 
     def _send_loop(self) -> None:
         while (item := self._next_due()) is not None:
             _, _, attempt, event = item
+            error = None
             try:
-                self.record(event)
+                self.record(event, self._send_timeout())
             except (ProviderError, EventsError) as exc:
-                if attempt >= self.ATTEMPTS:
-                    log.error("usage %s for run %s lost after %d attempts (%s)",
-                              event["event_type"], _run(event), attempt, exc)
-                    continue
-                log.warning("usage %s for run %s not recorded (%s); retrying",
-                            event["event_type"], _run(event), exc)
-                self._schedule(event, attempt + 1, self._retry_delay * 2 ** (attempt - 1))
+                error = exc
             except Exception:  # a bug must not end the sender silently
                 log.exception("usage %s for run %s failed", event["event_type"], _run(event))
+            with self._wake:
+                self._sending.pop(event["event_id"], None)
+            if error is None:
+                continue
+            if attempt >= self.ATTEMPTS:
+                log.error("usage %s for run %s lost after %d attempts (%s)",
+                          event["event_type"], _run(event), attempt, error)
+            else:
+                log.warning("usage %s for run %s not recorded (%s); retrying", event["event_type"], _run(event), error)
+                self._schedule(event, attempt + 1, self._retry_delay * 2 ** (attempt - 1))
 
 
 def _run(event: dict) -> str:

@@ -113,6 +113,7 @@ class Responder:
         self.usage_records = []
         self.refuse_usage = {}
         self.hold_usage = set()
+        self.ignore_usage = {}
         self.publish_errors = 0
         self.publish_retries = 0
         self._lock = threading.Lock()
@@ -384,9 +385,13 @@ class Responder:
 
     def _on_usage(self, payload):
         with self._lock:
-            # hold_usage: event types never answered; refuse_usage[event_type] = N: the next N
-            # such records are answered with an error envelope.
+            # hold_usage: event types never answered; ignore_usage[event_type] = N: the next N
+            # such records are not answered; refuse_usage[event_type] = N: the next N such
+            # records are answered with an error envelope.
             if payload.get("event_type") in self.hold_usage:
+                return None
+            if self.ignore_usage.get(payload.get("event_type"), 0) > 0:
+                self.ignore_usage[payload["event_type"]] -= 1
                 return None
             if self.refuse_usage.get(payload.get("event_type"), 0) > 0:
                 self.refuse_usage[payload["event_type"]] -= 1
