@@ -1,5 +1,6 @@
 """Events client error paths (responses) and the waiter registry as units."""
 import json
+import logging
 import threading
 
 import pytest
@@ -7,7 +8,7 @@ import requests
 import responses
 
 from bus_containers_provider.bus.client import (
-    MAX_LINE_BYTES, EventsClient, EventsRejected, EventsUnavailable, ListenerDown, ReplyTimeout, StreamBroken,
+    MAX_LINE_BYTES, EventsClient, EventsRejected, EventsUnavailable, ListenerDown, ReplyTimeout,
 )
 from bus_containers_provider.bus.replies import ReplyRegistry
 
@@ -93,11 +94,21 @@ def test_stream_connection_failure_is_unavailable(client):
         list(client.stream("a.response", idle_timeout=1))
 
 
+def test_the_line_limit_is_the_contracts_16_mib():
+    assert MAX_LINE_BYTES == 16 * 1024 * 1024
+
+
 @responses.activate
-def test_an_endless_line_breaks_the_stream(client):
-    responses.get(STREAM, body=b"x" * (MAX_LINE_BYTES + 70_000))
-    with pytest.raises(StreamBroken):
-        list(client.stream("a.response", idle_timeout=1))
+@pytest.mark.parametrize("extra", [70_000, 1])
+def test_a_line_over_the_limit_is_discarded_and_the_stream_carries_on(client, caplog, extra):
+    before = json.dumps({"id": "1", "correlationId": "c1", "payload": {}}).encode()
+    after = json.dumps({"id": "2", "correlationId": "c2", "payload": {}}).encode()
+    exact = json.dumps({"id": "3", "payload": {"s": "y" * (MAX_LINE_BYTES - 100)}}).encode()
+    exact = exact + b" " * (MAX_LINE_BYTES - len(exact))  # exactly at the limit: still a reply
+    body = b"\n".join([before, b"x" * (MAX_LINE_BYTES + extra), after, exact]) + b"\n"
+    responses.get(STREAM, body=body)
+    assert [e["id"] for e in client.stream("a.response", idle_timeout=1)] == ["1", "2", "3"]
+    assert caplog.text.count("discarding a line over") == 1
 
 
 def test_repr_never_shows_the_token(client):
@@ -154,3 +165,41 @@ class TestRegistry:
         assert b.wait(1) == {"correlationId": "c2"}
         registry.mark_up("a.response")
         assert registry.register("a.response", "c4")
+
+    def test_mark_down_while_reconnecting_keeps_waiters_and_refuses_new_ones(self):
+        registry = ReplyRegistry()
+        waiting = registry.register("a.response", "c1")
+        registry.mark_down("a.response", "stream ended", fail_waiting=False)
+        with pytest.raises(ListenerDown):
+            registry.register("a.response", "c2")
+        assert registry.pending("a.response") == 1
+        registry.mark_up("a.response")
+        assert registry.resolve("a.response", {"correlationId": "c1", "payload": {"n": 1}})
+        assert waiting.wait(1)["payload"] == {"n": 1}
+
+    def test_first_reply_wins_and_copies_are_dropped_silently(self, caplog):
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        assert registry.resolve("a.response", {"correlationId": "c1", "payload": {"n": 1}})
+        registry.discard(waiter)
+        assert not registry.resolve("a.response", {"correlationId": "c1", "payload": {"n": 2}})
+        assert waiter.wait(0)["payload"] == {"n": 1}
+        assert caplog.records == []
+
+    def test_a_late_reply_is_logged_once_by_name_and_correlation_id_never_its_payload(self, caplog):
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        with pytest.raises(ReplyTimeout):
+            waiter.wait(0.01)
+        registry.discard(waiter)
+        late = {"correlationId": "c1", "payload": {"stdout": "private-output"}}
+        assert not registry.resolve("a.response", late)
+        assert not registry.resolve("a.response", late)
+        [record] = caplog.records
+        assert record.levelno == logging.INFO
+        assert "a.response" in record.getMessage() and "c1" in record.getMessage()
+        assert "private-output" not in caplog.text
+        assert not registry.resolve("a.response", {"correlationId": "never-ours"})  # another process's
+        assert len(caplog.records) == 1

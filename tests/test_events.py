@@ -144,14 +144,15 @@ def test_dropped_stream_reconnects_and_serves_again(client, events_server):
     assert run(client, timeout_seconds=1).status_code == 200
 
 
-def test_waiters_fail_fast_when_the_stream_stays_down(app, events_server, responder):
+def test_new_requests_are_refused_before_publishing_while_the_stream_stays_down(app, events_server, responder):
     client = connected(app).test_client()
     events_server.fail_streams(503)
     events_server.drop_streams()
     started = time.monotonic()
     response = run(client, profile="never", timeout_seconds=60)
-    assert response.status_code == 503
+    assert response.status_code == 503 and response.headers["Retry-After"]
     assert time.monotonic() - started < 5  # the down grace (1s), not the 62 s run wait
+    assert events_server.published("bus.containers.run.request") == []
     events_server.reset_faults()
     connected(app)
     assert run(client).status_code == 200

@@ -10,10 +10,6 @@ from .replies import ReplyRegistry
 
 log = logging.getLogger(__name__)
 
-# An idle reply stream is reopened after this long; the API sends no heartbeat.
-STREAM_IDLE_TIMEOUT = 60.0
-
-
 def reply_name_for(request_name: str) -> str:
     return request_name[: -len(".request")] + ".response"
 
@@ -56,7 +52,8 @@ class Bus:
         for name in sorted(self._reply_names):
             self._listeners[name] = Listener(
                 self.client, name, self.registry, retry=s.listener_retry, retry_min=s.listener_retry_min,
-                retry_max=s.listener_retry_max, down_grace=s.listener_down_grace, idle_timeout=STREAM_IDLE_TIMEOUT)
+                retry_max=s.listener_retry_max, down_grace=s.listener_down_grace,
+                idle_timeout=s.listener_idle_timeout)
             self._listeners[name].start()
 
     def stop(self) -> None:

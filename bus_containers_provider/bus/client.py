@@ -10,8 +10,8 @@ import urllib3
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/api/v1/events"
-# A reply line carries a whole run result; far larger is a broken stream, not a reply.
-MAX_LINE_BYTES = 8 * 1024 * 1024
+# A reply line carries a whole run result; a longer one is discarded as it is read (CONTRACT §5).
+MAX_LINE_BYTES = 16 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 
 
@@ -55,10 +55,6 @@ class EventsRejected(EventsError):
         return self.status in self.MALFORMED
 
 
-class StreamBroken(EventsUnavailable):
-    """The stream sent something that is not NDJSON envelopes; reconnecting is safe."""
-
-
 class EventsClient:
     """Publishes with one Session per thread; streams with a Session per listener."""
 
@@ -98,32 +94,49 @@ class EventsClient:
             raise EventsUnavailable(f"publishing {name} failed: {type(exc).__name__}") from exc
         _check(response, f"publishing {name}")
 
+    def open_stream(self, name: str, read_timeout: float, session: Optional[requests.Session] = None, *,
+                    replay: bool = False, follow: bool = True) -> requests.Response:
+        """The open (200) streamed response for `name`; read it with `envelopes`, close it when done."""
+        session = session or self._session()
+        params = {"name": name, "delivery": "broadcast"}
+        if replay:
+            params["replay"] = "true"
+        if not follow:
+            params["follow"] = "false"
+        try:
+            response = session.get(f"{self._url}/stream", params=params, headers=self._headers, stream=True,
+                                   timeout=(self._connect_timeout, read_timeout))
+        except requests.RequestException as exc:
+            raise EventsUnavailable(f"opening the {name} stream failed: {type(exc).__name__}") from exc
+        try:
+            _check(response, f"opening the {name} stream")
+        except EventsError:
+            response.close()
+            raise
+        return response
+
     def stream(self, name: str, idle_timeout: float, on_open: Callable[[object], None] = lambda r: None,
                session: Optional[requests.Session] = None) -> Iterator[dict]:
         """Envelopes from the broadcast stream of `name`, until it ends (a clean return).
 
-        Silence longer than `idle_timeout` ends the stream too, quietly: the API
-        sends no heartbeat, so a quiet stream and a dead one look the same.
+        Silence longer than `idle_timeout` ends the stream too, quietly.
         `on_open` receives the raw response once connected, so another thread
         can interrupt a blocked read with `raw.shutdown()`.
         """
-        session = session or self._session()
-        params = {"name": name, "delivery": "broadcast"}
-        try:
-            response = session.get(f"{self._url}/stream", params=params, headers=self._headers, stream=True,
-                                   timeout=(self._connect_timeout, idle_timeout))
-        except requests.RequestException as exc:
-            raise EventsUnavailable(f"opening the {name} stream failed: {type(exc).__name__}") from exc
-        with response:
-            _check(response, f"opening the {name} stream")
+        with self.open_stream(name, idle_timeout, session) as response:
             on_open(response.raw)
-            yield from _envelopes(response.raw, name)
+            yield from envelopes(response.raw, name)
 
 
-def _envelopes(raw, name: str) -> Iterator[dict]:
+def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None) -> Iterator[dict]:
+    """Envelopes read from a stream's raw body until it ends; `touched` is called for every chunk read.
+
+    A read timeout is a quiet end. A line over MAX_LINE_BYTES is dropped while
+    it is read, never held whole, and the stream carries on after it.
+    """
     # Bytes, split on b"\n" ourselves: iter_lines waits for a full chunk, and
     # decode_unicode would split JSON strings on U+2028.
-    partial, size = [], 0
+    line, discarding = bytearray(), False
     while True:
         try:
             chunk = raw.read1(READ_CHUNK)
@@ -133,18 +146,30 @@ def _envelopes(raw, name: str) -> Iterator[dict]:
             raise EventsUnavailable(f"the {name} stream dropped: {type(exc).__name__}") from exc
         if not chunk:
             return
-        if b"\n" not in chunk:
-            partial.append(chunk)
-            size += len(chunk)
-            if size > MAX_LINE_BYTES:
-                raise StreamBroken(f"the {name} stream sent a line over {MAX_LINE_BYTES} bytes")
+        touched()
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if discarding:
+                pass
+            elif len(line) + end - start > MAX_LINE_BYTES:
+                _too_long(name)
+            else:
+                line += chunk[start:end]
+                envelope = _parse(line, name) if line.strip() else None
+                if envelope is not None:
+                    yield envelope
+            discarding, line, start = False, bytearray(), end + 1
+        if discarding:
             continue
-        *lines, rest = b"".join(partial + [chunk]).split(b"\n")
-        partial, size = [rest], len(rest)
-        for line in lines:
-            envelope = _parse(line, name) if line.strip() else None
-            if envelope is not None:
-                yield envelope
+        if len(line) + len(chunk) - start > MAX_LINE_BYTES:
+            _too_long(name)
+            discarding, line = True, bytearray()
+        else:
+            line += chunk[start:]
+
+
+def _too_long(name: str) -> None:
+    log.warning("discarding a line over %d bytes on the %s stream", MAX_LINE_BYTES, name)
 
 
 def _refuse_constant(name: str):

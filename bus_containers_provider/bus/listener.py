@@ -1,22 +1,70 @@
-"""One background thread per reply name: reads its stream and feeds the waiter registry."""
+"""One supervising thread per reply name: keeps its stream open and feeds the waiter registry."""
 import logging
 import threading
 import time
 
 import requests
 
-from .client import EventsClient, EventsError, EventsRejected
+from .client import EventsClient, EventsError, EventsRejected, envelopes
 
 log = logging.getLogger(__name__)
+
+# After a replacement stream is open, the old one is still read this long, so
+# a reply the server was already writing to it is not cut off.
+OVERLAP_SECONDS = 1.0
+# A catch-up checks this often (in envelopes read) whether anything it looks for still waits.
+CATCH_UP_CHECK_EVERY = 256
+
+
+class _Reader(threading.Thread):
+    """Reads one open stream into the registry until it ends or is closed."""
+
+    def __init__(self, response, reply_name: str, registry, ended):
+        super().__init__(name=f"stream:{reply_name}", daemon=True)
+        self.reply_name = reply_name
+        self.opened = self.last_read = time.monotonic()
+        self.error = None  # why it broke; None for a quiet end
+        self.done = threading.Event()
+        self._response = response
+        self._registry = registry
+        self._ended = ended
+        self._closing = False
+
+    def run(self) -> None:
+        try:
+            for envelope in envelopes(self._response.raw, self.reply_name, self._touch):
+                self._registry.resolve(self.reply_name, envelope)
+        except EventsError as exc:
+            if not self._closing:
+                log.warning("%s", exc)
+                self.error = str(exc)
+        except Exception:  # a bug must not end the stream silently
+            log.exception("the %s stream reader failed", self.reply_name)
+            self.error = "unexpected error"
+        finally:
+            self._response.close()
+            self.done.set()
+            self._ended()
+
+    def _touch(self) -> None:
+        self.last_read = time.monotonic()
+
+    def close(self) -> None:
+        self._closing = True
+        _shutdown(self._response)
 
 
 class Listener(threading.Thread):
     """Keeps one broadcast stream open for `reply_name`, reconnecting as configured.
 
-    An idle or cleanly ended stream is reopened at once. A failure to connect
-    is retried with exponential backoff only when `retry` is set; otherwise the
-    listener stays down. Either way, once it has been down for `down_grace`
-    seconds the requests waiting on it fail instead of waiting out their timeout.
+    A stream that ends or breaks is reopened at once; failing to open one is
+    retried with exponential backoff only when `retry` is set, otherwise the
+    listener stays down and fails its waiters. With retry, waiters keep
+    waiting across the gap (up to their own deadlines) and new requests are
+    refused until the stream is back. A stream silent for `idle_timeout` is
+    replaced make-before-break. Whenever a stream (re)opens while waiters are
+    pending, the stored history is read once for the replies they may have
+    missed (see `_catch_up`).
     """
 
     def __init__(self, client: EventsClient, reply_name: str, registry, *, retry: bool,
@@ -29,9 +77,13 @@ class Listener(threading.Thread):
         self._retry_min, self._retry_max = retry_min, retry_max
         self._down_grace = down_grace
         self._idle_timeout = idle_timeout
+        # The read timeout only backs up the idle check: a reader is replaced long before it fires.
+        self._read_timeout = 2 * idle_timeout + OVERLAP_SECONDS + 10
         self._stopping = threading.Event()
+        self._wake = threading.Event()
         self._connected = threading.Event()
-        self._raw = None
+        self._readers = []
+        self._catch_up_response = None
         self._grace_timer = None
         # Connected state, the registry's up/down mark and the grace timer change together.
         self._state_lock = threading.RLock()
@@ -49,74 +101,128 @@ class Listener(threading.Thread):
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
-        raw = self._raw
-        if raw is not None:
-            try:
-                raw.shutdown()  # wakes a read blocked on a silent stream
-            except (ValueError, RuntimeError, OSError):
-                pass
+        self._wake.set()
+        for reader in list(self._readers):
+            reader.close()  # wakes a read blocked on a silent stream
+        _shutdown(self._catch_up_response)
         self._cancel_grace()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout)
 
     def run(self) -> None:
-        delay = self._retry_min
+        delay, current = self._retry_min, None
         with requests.Session() as session:
-            while not self._stopping.is_set():
-                opened = time.monotonic()
-                reason = self._listen(session)
-                if reason is None and time.monotonic() - opened >= self._retry_min:
-                    delay = self._retry_min  # a stream that lived ended quietly: reopen it at once
-                    continue
-                if reason is not None and not self._retry:
-                    log.error("the %s listener stays down (BUS_EVENTS_LISTENER_RETRY is not set)",
-                              self.reply_name)
-                    with self._state_lock:
-                        self._cancel_grace()
-                        self._registry.mark_down(self.reply_name, reason)
-                    return
-                # A failure, or a stream that ends as soon as it opens: back off.
-                self._stopping.wait(delay)
-                delay = min(delay * 2, self._retry_max)
+            try:
+                while not self._stopping.is_set():
+                    if current is not None and not current.done.is_set():
+                        idle = time.monotonic() - current.last_read
+                        if idle < self._idle_timeout:
+                            self._wake.wait(self._idle_timeout - idle)
+                            self._wake.clear()
+                            continue
+                        # Silent for the whole idle timeout: open its replacement first.
+                    elif current is not None:
+                        lived, reason = time.monotonic() - current.opened, current.error
+                        self._readers.remove(current)
+                        current = None
+                        self._went_down(reason or "stream ended")
+                        if lived >= self._retry_min:
+                            delay = self._retry_min  # a stream that lived: reopen it at once
+                            continue
+                        # One that ends as soon as it opens: back off.
+                        self._stopping.wait(delay)
+                        delay = min(delay * 2, self._retry_max)
+                        continue
+                    try:
+                        response = self._client.open_stream(self.reply_name, self._read_timeout, session)
+                    except EventsError as exc:
+                        reason = self._refused(exc)
+                        if current is None and not self._retry:
+                            self._stay_down(reason)
+                            return
+                        self._stopping.wait(delay)
+                        delay = min(delay * 2, self._retry_max)
+                        continue
+                    current = self._replace(current, response)
+            finally:
+                for reader in list(self._readers):
+                    reader.close()
 
-    def _listen(self, session):
-        """Read one stream to its end; the reason it failed, or None for a quiet end."""
+    def _replace(self, previous, response) -> _Reader:
+        """Start reading `response`, then close `previous` after the overlap."""
+        reader = _Reader(response, self.reply_name, self._registry, self._wake.set)
+        self._readers.append(reader)
+        # Taken once the new stream is open: every reply published from now on reaches it.
+        missed = self._registry.pending_ids(self.reply_name)
+        reader.start()
+        self._up(replacing=previous is not None)
+        if previous is not None:
+            self._stopping.wait(OVERLAP_SECONDS)
+            previous.close()
+            previous.join(OVERLAP_SECONDS)
+            self._readers.remove(previous)
+        if missed and not self._stopping.is_set():
+            threading.Thread(target=self._catch_up, args=(missed,), name=f"catch-up:{self.reply_name}",
+                             daemon=True).start()
+        return reader
+
+    def _catch_up(self, missed: set) -> None:
+        """Read the stored history once for replies published while no stream of ours was open.
+
+        A live stream only carries what is published while it is open. Only
+        pending correlation ids match (the registry ignores the rest), and the
+        read ends as soon as none of `missed` still waits, so it is bounded by
+        the longest of their deadlines.
+        """
+        _shutdown(self._catch_up_response)  # a newer catch-up supersedes an older one
+        started, read, found = time.monotonic(), 0, 0
         try:
-            for envelope in self._client.stream(self.reply_name, self._idle_timeout, self._opened,
-                                                session=session):
-                self._registry.resolve(self.reply_name, envelope)
-            return None
-        except EventsRejected as exc:
-            if exc.unauthorized:
-                log.error("the Events API refused the provider's token for %s (HTTP %d)",
-                          self.reply_name, exc.status)
-            else:
-                log.error("%s", exc)
-            return str(exc)
+            with requests.Session() as session:
+                response = self._client.open_stream(self.reply_name, self._read_timeout, session,
+                                                    replay=True, follow=False)
+                self._catch_up_response = response
+                with response:
+                    for envelope in envelopes(response.raw, self.reply_name):
+                        read += 1
+                        if self._registry.resolve(self.reply_name, envelope):
+                            found += 1
+                        elif read % CATCH_UP_CHECK_EVERY:
+                            continue
+                        if self._stopping.is_set() or not self._registry.any_pending(missed):
+                            break
         except EventsError as exc:
-            if not self._stopping.is_set():
-                log.warning("%s", exc)
-            return str(exc)
-        except Exception:  # a bug must not end the listener silently
-            log.exception("the %s listener failed", self.reply_name)
-            return "unexpected error"
-        finally:
-            self._raw = None
-            with self._state_lock:
-                if self._connected.is_set():
-                    self._connected.clear()
-                    self._went_down("stream ended")
+            log.warning("catching up on %s failed: %s", self.reply_name, exc)
+        log.info("caught up on %s: %d of %d waiting replies found in %d stored events (%.2fs)",
+                 self.reply_name, found, len(missed), read, time.monotonic() - started)
 
-    def _opened(self, raw) -> None:
-        self._raw = raw
+    def _refused(self, exc: EventsError) -> str:
+        if isinstance(exc, EventsRejected) and exc.unauthorized:
+            log.error("the Events API refused the provider's token for %s (HTTP %d)", self.reply_name, exc.status)
+        elif isinstance(exc, EventsRejected):
+            log.error("%s", exc)
+        elif not self._stopping.is_set():
+            log.warning("%s", exc)
+        return str(exc)
+
+    def _stay_down(self, reason: str) -> None:
+        log.error("the %s listener stays down (BUS_EVENTS_LISTENER_RETRY is not set)", self.reply_name)
+        with self._state_lock:
+            self._cancel_grace()
+            self._registry.mark_down(self.reply_name, reason)
+
+    def _up(self, replacing: bool) -> None:
         with self._state_lock:
             self._cancel_grace()
             self._registry.mark_up(self.reply_name)
             self._connected.set()
-        log.info("listening for %s", self.reply_name)
+        if replacing:
+            log.debug("replaced the idle %s stream", self.reply_name)
+        else:
+            log.info("listening for %s", self.reply_name)
 
     def _went_down(self, reason: str) -> None:
         with self._state_lock:
+            self._connected.clear()
             self._cancel_grace()
             if self._stopping.is_set():
                 return
@@ -127,10 +233,21 @@ class Listener(threading.Thread):
     def _grace_over(self, reason: str) -> None:
         with self._state_lock:
             if not self.connected and not self._stopping.is_set():
-                self._registry.mark_down(self.reply_name, reason)
+                # With retry the listener is reconnecting: waiters keep waiting for their replies.
+                self._registry.mark_down(self.reply_name, reason, fail_waiting=not self._retry)
 
     def _cancel_grace(self) -> None:
         with self._state_lock:
             timer, self._grace_timer = self._grace_timer, None
         if timer is not None:
             timer.cancel()
+
+
+def _shutdown(response) -> None:
+    """Wake a thread blocked reading `response` (closing alone does not)."""
+    if response is None:
+        return
+    try:
+        response.raw.shutdown()
+    except (AttributeError, ValueError, RuntimeError, OSError):
+        pass

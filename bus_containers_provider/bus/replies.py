@@ -1,13 +1,22 @@
 """Correlation id -> waiter: the one place replies meet the requests that wait for them."""
+import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
 from ..errors import RunCancelled
 from .client import ListenerDown, ReplyTimeout
 
+log = logging.getLogger(__name__)
+
 # How often a wait asks whether it was cancelled (a caller gone is noticed within this).
 CANCEL_POLL_SECONDS = 0.5
+# Correlation ids remembered after their wait ended, so a second copy of a reply
+# (two streams during a reopen, a catch-up replay, a worker's retried publish)
+# is told apart from a reply that came too late. Oldest are forgotten first.
+REMEMBERED = 20_000
+ANSWERED, EXPIRED = "answered", "expired"
 
 
 class Waiter:
@@ -26,6 +35,10 @@ class Waiter:
         if not self._done.is_set():
             self._envelope, self._error = envelope, error
             self._done.set()
+
+    @property
+    def answered(self) -> bool:
+        return self._done.is_set() and self._error is None
 
     def wait(self, timeout: float, cancelled: Optional[Callable[[], Optional[str]]] = None) -> dict:
         """The reply envelope; ReplyTimeout when none came within `timeout` seconds.
@@ -51,12 +64,17 @@ class Waiter:
 
 
 class ReplyRegistry:
-    """Thread-safe map of pending waiters for one provider process."""
+    """Thread-safe map of pending waiters for one provider process.
+
+    The first reply for a correlation id wins; later copies are dropped
+    silently, and a reply whose waiter already gave up is logged once.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._waiters: Dict[str, Waiter] = {}
         self._down: Dict[str, str] = {}
+        self._ended: "OrderedDict[str, str]" = OrderedDict()  # correlation id -> ANSWERED | EXPIRED
 
     def register(self, reply_name: str, correlation_id: str) -> Waiter:
         """Add a waiter (before publishing, so a fast reply finds it); refuse while the reply stream is down."""
@@ -70,31 +88,54 @@ class ReplyRegistry:
         return waiter
 
     def discard(self, waiter: Waiter) -> None:
+        """End a wait on every path; one that ended without its reply is remembered as expired."""
         with self._lock:
             if self._waiters.get(waiter.correlation_id) is waiter:
                 del self._waiters[waiter.correlation_id]
+                self._remember(waiter.correlation_id, ANSWERED if waiter.answered else EXPIRED)
 
     def resolve(self, reply_name: str, envelope: dict) -> bool:
-        """Hand a reply to its waiter; unknown, late and other processes' replies are dropped."""
+        """Hand a reply to its waiter; unknown, duplicate, late and other processes' replies are dropped."""
         correlation_id = envelope.get("correlationId", envelope.get("correlation_id"))
         if not isinstance(correlation_id, str):
             return False
         with self._lock:
             waiter = self._waiters.get(correlation_id)
             if waiter is None or waiter.reply_name != reply_name:
-                return False
-            del self._waiters[correlation_id]
+                late = self._ended.get(correlation_id) == EXPIRED
+                if late:
+                    self._remember(correlation_id, ANSWERED)  # log a late reply once, not per copy
+            else:
+                del self._waiters[correlation_id]
+                self._remember(correlation_id, ANSWERED)
+        if waiter is None or waiter.reply_name != reply_name:
+            if late:
+                # The caller was already answered (timeout, cancel): nothing of this reply reaches it.
+                log.info("late %s reply for correlation id %s: its request no longer waits",
+                         reply_name, correlation_id)
+            return False
         waiter._complete(envelope=envelope)
         return True
 
-    def mark_down(self, reply_name: str, reason: str) -> None:
-        """Fail every request waiting on `reply_name`, and refuse new ones until mark_up."""
+    def _remember(self, correlation_id: str, outcome: str) -> None:
+        self._ended[correlation_id] = outcome
+        self._ended.move_to_end(correlation_id)
+        while len(self._ended) > REMEMBERED:
+            self._ended.popitem(last=False)
+
+    def mark_down(self, reply_name: str, reason: str, fail_waiting: bool = True) -> None:
+        """Refuse new requests on `reply_name` until mark_up; with `fail_waiting`, fail those already waiting.
+
+        Without it the waiters keep waiting up to their own deadline: the
+        listener is reconnecting and their replies can still arrive.
+        """
         error = ListenerDown(f"the {reply_name} listener is not connected ({reason})")
         with self._lock:
             self._down[reply_name] = reason
-            failed = [w for w in self._waiters.values() if w.reply_name == reply_name]
+            failed = [w for w in self._waiters.values() if w.reply_name == reply_name] if fail_waiting else []
             for waiter in failed:
                 del self._waiters[waiter.correlation_id]
+                self._remember(waiter.correlation_id, EXPIRED)
         for waiter in failed:
             waiter._complete(error=error)
 
@@ -105,3 +146,12 @@ class ReplyRegistry:
     def pending(self, reply_name: Optional[str] = None) -> int:
         with self._lock:
             return sum(1 for w in self._waiters.values() if reply_name in (None, w.reply_name))
+
+    def pending_ids(self, reply_name: str) -> set:
+        """Correlation ids still waiting on `reply_name`."""
+        with self._lock:
+            return {cid for cid, w in self._waiters.items() if w.reply_name == reply_name}
+
+    def any_pending(self, correlation_ids) -> bool:
+        with self._lock:
+            return any(cid in self._waiters for cid in correlation_ids)

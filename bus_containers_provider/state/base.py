@@ -1,10 +1,10 @@
-"""The run-control store interface: idempotency records and account run slots, both leased.
+"""The shared-state store interface: idempotency records, account run slots and the usage outbox, all leased.
 
 Everything here is atomic per call. Leases carry an expiry, so what a dead
 process held frees itself once the expiry passes; the live holder renews.
 Every method raises errors.StateUnavailable when the store cannot be reached.
 """
-from typing import Iterable, NamedTuple, Optional, Protocol, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Protocol, Tuple
 
 IN_FLIGHT, DONE = "in_flight", "done"
 
@@ -47,6 +47,22 @@ class StateStore(Protocol):
 
         A lease that has already expired is not brought back: what it held may be someone else's now.
         """
+
+    # The usage outbox: records not yet confirmed, kept where any process can send them.
+    # A holder renews its lease while it sends; once the lease passes (the holder died or
+    # gave up), outbox_take hands the record to whoever asks next.
+
+    def outbox_put(self, event_id: str, record: dict, lease: float) -> None:
+        """Keep `record` (JSON) under `event_id` until outbox_done, held by the caller for `lease` seconds."""
+
+    def outbox_hold(self, event_ids: Iterable[str], lease: float) -> None:
+        """Extend the caller's lease on records it holds; records already done are not brought back."""
+
+    def outbox_take(self, limit: int, lease: float) -> List[dict]:
+        """Up to `limit` records whose lease has passed, each now held by the caller for `lease` seconds."""
+
+    def outbox_done(self, event_id: str) -> None:
+        """Forget a record that was recorded; forgetting one that is not kept does nothing."""
 
     def ping(self) -> None:
         """Return when the store answers; raise StateUnavailable when it does not."""

@@ -1,4 +1,5 @@
 """The in-process store: what one provider process agrees with itself (the default)."""
+import json
 import threading
 import time
 from typing import Dict, Optional, Tuple
@@ -19,6 +20,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._keys: Dict[str, Tuple[Claim, float]] = {}  # scope -> (record, expiry)
         self._slots: Dict[str, Dict[str, float]] = {}  # account -> {run_id: expiry}
+        self._outbox: Dict[str, Tuple[str, float]] = {}  # event_id -> (record JSON, lease expiry)
         self._next_sweep = 0.0
 
     def _live_key(self, scope: str, now: float) -> Optional[Claim]:
@@ -102,6 +104,30 @@ class MemoryStore:
                 existing = self._live_key(scope, now)
                 if existing is not None and existing.run_id == run_id and existing.state == IN_FLIGHT:
                     self._keys[scope] = (existing, now + lease)
+
+    def outbox_put(self, event_id, record, lease):
+        with self._lock:
+            # Stored as JSON, as in Redis: what comes back is a copy, never the caller's dict.
+            self._outbox[event_id] = (json.dumps(record), self._clock() + lease)
+
+    def outbox_hold(self, event_ids, lease):
+        with self._lock:
+            expiry = self._clock() + lease
+            for event_id in event_ids:
+                if event_id in self._outbox:
+                    self._outbox[event_id] = (self._outbox[event_id][0], expiry)
+
+    def outbox_take(self, limit, lease):
+        with self._lock:
+            now = self._clock()
+            due = [event_id for event_id, (_, expiry) in self._outbox.items() if expiry <= now][:limit]
+            for event_id in due:
+                self._outbox[event_id] = (self._outbox[event_id][0], now + lease)
+            return [json.loads(self._outbox[event_id][0]) for event_id in due]
+
+    def outbox_done(self, event_id):
+        with self._lock:
+            self._outbox.pop(event_id, None)
 
     def ping(self):
         return None

@@ -115,6 +115,49 @@ return 0
 """
 
 
+# The usage outbox: a hash of records by event_id, and a sorted set of the same
+# event_ids scored by lease expiry (ms); a record is takeable once its score passes.
+# KEYS[1] hash, KEYS[2] leases; ARGV[1] event_id, ARGV[2] record JSON, ARGV[3] lease ms.
+OUTBOX_PUT = _NOW + """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 0
+"""
+
+# KEYS[1] leases; ARGV[1] lease ms, ARGV[2…] event_ids. XX: a record already done stays done.
+OUTBOX_HOLD = _NOW + """
+local expiry = now + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+end
+return 0
+"""
+
+# KEYS[1] hash, KEYS[2] leases; ARGV[1] limit, ARGV[2] lease ms. The records taken, as JSON.
+OUTBOX_TAKE = _NOW + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local taken = {}
+for _, event_id in ipairs(due) do
+  local record = redis.call('HGET', KEYS[1], event_id)
+  if record then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), event_id)
+    table.insert(taken, record)
+  else
+    redis.call('ZREM', KEYS[2], event_id)
+  end
+end
+return taken
+"""
+
+# KEYS[1] hash, KEYS[2] leases; ARGV[1] event_id.
+OUTBOX_DONE = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 0
+"""
+OUTBOX = [f"{PREFIX}outbox:records", f"{PREFIX}outbox:leases"]
+
+
 def _ms(seconds: float) -> int:
     # PX 0 is an error, and a lease never rounds down to nothing.
     return max(1, int(seconds * 1000))
@@ -166,6 +209,10 @@ class RedisStore:
         self._drop = self._client.register_script(DROP_KEY)
         self._acquire = self._client.register_script(ACQUIRE_SLOT)
         self._renew = self._client.register_script(RENEW)
+        self._outbox_put = self._client.register_script(OUTBOX_PUT)
+        self._outbox_hold = self._client.register_script(OUTBOX_HOLD)
+        self._outbox_take = self._client.register_script(OUTBOX_TAKE)
+        self._outbox_done = self._client.register_script(OUTBOX_DONE)
 
     def claim_key(self, scope, fingerprint, run_id, lease):
         record = json.dumps({"state": IN_FLIGHT, "fingerprint": fingerprint, "run_id": run_id},
@@ -210,6 +257,24 @@ class RedisStore:
         run_ids = [run_id for _, run_id in slots] + [run_id for _, run_id in keys]
         with _reachable():
             self._renew(keys=names, args=[_ms(lease), len(slots), *run_ids])
+
+    def outbox_put(self, event_id, record, lease):
+        with _reachable():
+            self._outbox_put(keys=OUTBOX, args=[event_id, json.dumps(record, separators=(",", ":")), _ms(lease)])
+
+    def outbox_hold(self, event_ids, lease):
+        event_ids = list(event_ids)
+        if event_ids:
+            with _reachable():
+                self._outbox_hold(keys=OUTBOX[1:], args=[_ms(lease), *event_ids])
+
+    def outbox_take(self, limit, lease):
+        with _reachable():
+            return [json.loads(record) for record in self._outbox_take(keys=OUTBOX, args=[int(limit), _ms(lease)])]
+
+    def outbox_done(self, event_id):
+        with _reachable():
+            self._outbox_done(keys=OUTBOX, args=[event_id])
 
     def ping(self):
         with _reachable():

@@ -14,6 +14,9 @@ Choosing behaviour from a test:
   ``sleep:SECONDS``, ``never``, ``malformed``, ``wrong-owner``, ``error``,
   ``owner-identity`` (owner under ``owner_identity_id``), ``snake-correlation``
   (reply carries ``correlation_id``); anything else runs normally.
+* A reply whose publish fails is published again with backoff for up to
+  ``publish_retry_for`` seconds, and streams that end are reopened, so the
+  responder rides out an Events API restart like a deployed worker.
 * ``billing[account_id]`` — a reply payload dict, ``"never"`` or ``"error"``;
   accounts not listed get ``billing_default`` (``{"allowed": True}``).
 
@@ -92,7 +95,7 @@ class Responder:
     """Answers Bus request events over a real Events API; see module docstring."""
 
     def __init__(self, events_url, token, group="responder", consumer=None,
-                 names=REQUEST_NAMES, reconnect_delay=0.1, read_timeout=30.0):
+                 names=REQUEST_NAMES, reconnect_delay=0.1, read_timeout=30.0, publish_retry_for=30.0):
         url = events_url.rstrip("/")
         if url.endswith("/api/v1/events"):
             url = url[: -len("/api/v1/events")]
@@ -103,13 +106,16 @@ class Responder:
         self.names = tuple(names)
         self.reconnect_delay = reconnect_delay
         self.read_timeout = read_timeout
+        self.publish_retry_for = publish_retry_for
         self.modes = {}
         self.billing = {}
         self.billing_default = {"allowed": True}
         self.usage_records = []
         self.refuse_usage = {}
         self.hold_usage = set()
+        self.ignore_usage = {}
         self.publish_errors = 0
+        self.publish_retries = 0
         self._lock = threading.Lock()
         self._runs = {}
         self._received = []
@@ -287,21 +293,29 @@ class Responder:
         if reply.error is not None:
             body["error"] = reply.error
         post = session.post if session is not None else requests.post
-        ok = False
-        # One retry: a pooled connection may have died with a restarted server.
-        # A duplicate reply is harmless, a correlation registry ignores it.
-        for _ in range(2):
+        # Like a real integration worker: a reply whose publish fails (the Events
+        # API restarting, a pooled connection that died with it) is published
+        # again with backoff for up to `publish_retry_for` seconds. A publish
+        # that timed out may have been stored, so the provider can see a reply
+        # twice; its registry keeps the first.
+        deadline = time.monotonic() + self.publish_retry_for
+        delay, ok = 0.05, False
+        while True:
             try:
                 resp = post(f"{self.events_url}/api/v1/events", json=body, timeout=5.0,
                             headers={"Authorization": f"Bearer {self.token}"})
-            except requests.ConnectionError as exc:
-                log.warning("responder could not publish %s: %s", body["name"], exc)
-                continue
+                ok = resp.status_code in (200, 202)
+                if ok or (resp.status_code < 500 and resp.status_code != 429):
+                    break  # published, or refused for good
             except requests.RequestException as exc:
-                log.warning("responder could not publish %s: %s", body["name"], exc)
+                log.debug("responder could not publish %s: %s", body["name"], exc)
+            if self._stop.is_set() or time.monotonic() + delay > deadline:
                 break
-            ok = resp.status_code in (200, 202)
-            break
+            with self._lock:
+                self.publish_retries += 1
+            self._stop.wait(delay)
+            delay = min(delay * 2, 1.0)
+            post = requests.post  # a fresh connection: the pooled one may be the one that died
         if not ok:
             with self._lock:
                 self.publish_errors += 1
@@ -371,9 +385,13 @@ class Responder:
 
     def _on_usage(self, payload):
         with self._lock:
-            # hold_usage: event types never answered; refuse_usage[event_type] = N: the next N
-            # such records are answered with an error envelope.
+            # hold_usage: event types never answered; ignore_usage[event_type] = N: the next N
+            # such records are not answered; refuse_usage[event_type] = N: the next N such
+            # records are answered with an error envelope.
             if payload.get("event_type") in self.hold_usage:
+                return None
+            if self.ignore_usage.get(payload.get("event_type"), 0) > 0:
+                self.ignore_usage[payload["event_type"]] -= 1
                 return None
             if self.refuse_usage.get(payload.get("event_type"), 0) > 0:
                 self.refuse_usage[payload["event_type"]] -= 1

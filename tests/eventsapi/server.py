@@ -42,6 +42,14 @@ MAX_BODY = 1024 * 1024
 # How often an idle stream checks whether its reader went away.
 IDLE_CHECK = 0.25
 _CLOSE = object()
+JUNK_PIECE = b"x" * (1024 * 1024)
+
+
+class _Junk:
+    """A queued line of ``size`` bytes that is not JSON, written piece by piece."""
+
+    def __init__(self, size):
+        self.size = size
 
 
 def _bool_param(value):
@@ -211,6 +219,17 @@ class EventsServer:
         self._publish_status = None
         self._publish_delay = 0.0
         self._stream_status = None
+
+    def send_junk_line(self, name, size):
+        """Write one line of ``size`` bytes that is not JSON to the open broadcast streams of ``name``.
+
+        It is written in 1 MiB pieces of one shared buffer, so the server never holds it whole.
+        """
+        with self._lock:
+            victims = [s for s in self._streams if s.name == name and s.delivery == "broadcast"]
+            for stream in victims:
+                stream.queue.put(_Junk(size))
+        return len(victims)
 
     def drop_streams(self, name=None):
         """Abruptly close open streams (of one name); returns how many."""
@@ -485,9 +504,21 @@ class _Handler(BaseHTTPRequestHandler):
     # -- streaming -------------------------------------------------------
 
     def _write_line(self, envelope):
+        if isinstance(envelope, _Junk):
+            return self._write_junk(envelope.size)
         data = json.dumps(envelope).encode() + b"\n"
         # One sendall per chunk, so TCP_NODELAY pushes the line out at once.
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _write_junk(self, size):
+        piece = memoryview(JUNK_PIECE)
+        while size > 0:
+            part = piece[:min(size, len(piece))]
+            self.wfile.write(b"%x\r\n" % len(part))
+            self.wfile.write(part)
+            self.wfile.write(b"\r\n")
+            size -= len(part)
+        self.wfile.write(b"1\r\n\n\r\n")
 
     def _stream(self, stream, replay, follow):
         self.close_connection = True
