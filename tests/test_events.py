@@ -148,6 +148,11 @@ def test_new_requests_are_refused_before_publishing_while_the_stream_stays_down(
     client = connected(app).test_client()
     events_server.fail_streams(503)
     events_server.drop_streams()
+    bus = app.extensions["bus_containers"].bus
+    deadline = time.monotonic() + 5
+    while "bus.containers.run.response" not in bus.disconnected():  # the drop noticed, not raced
+        assert time.monotonic() < deadline, "the dropped stream was never noticed"
+        time.sleep(0.02)
     started = time.monotonic()
     response = run(client, profile="never", timeout_seconds=60)
     assert response.status_code == 503 and response.headers["Retry-After"]
