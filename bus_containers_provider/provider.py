@@ -62,8 +62,9 @@ class Provider:
         self.controls.start()
 
     def stop(self) -> None:
-        self.controls.stop()
+        # Usage first: its flush still needs the bus and, with an outbox, the store.
         self.usage.stop()
+        self.controls.stop()
         if self.bus is not None:
             self.bus.stop()
 
@@ -153,13 +154,17 @@ def init_app(app, settings: Settings) -> Provider:
         from .bus import Bus
 
         bus = Bus(settings)
+    store = create_store(settings)
     usage = {"none": NoUsage, "memory": MemoryUsage}.get(settings.usage_backend)
-    usage = usage() if usage else EventsUsage(bus, settings.request_timeout)
+    # With a shared store, pending usage records live in its outbox, so a killed process loses none.
+    usage = usage() if usage else EventsUsage(
+        bus, settings.request_timeout, outbox=store if settings.state_url else None,
+        flush_timeout=min(settings.request_timeout + 5, settings.shutdown_grace))
     billing = EventsBilling(bus, settings.request_timeout) if settings.billing_backend == "events" else NoBilling()
     backend = create_backend(settings, bus)
     if bus is not None:
         bus.listen_for(*backend.reply_names, *usage.reply_names, *billing.reply_names)
-    controls = RunControls(create_store(settings), max_runs_per_account=settings.max_runs_per_account,
+    controls = RunControls(store, max_runs_per_account=settings.max_runs_per_account,
                            run_capacity=settings.run_capacity, idempotency_ttl=settings.idempotency_ttl)
     provider = Provider(settings, TokenVerifier(settings.jwt_secret), backend, usage, billing, controls, bus)
     app.extensions["bus_containers"] = provider
