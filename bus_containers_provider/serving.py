@@ -63,7 +63,7 @@ class JsonErrorWorker(ThreadWorker):
         # SIGTERM: in-flight runs may finish for the shutdown grace; then the ones
         # still waiting are cancelled, in the DRAIN_SECONDS gunicorn allows beyond it.
         super().handle_exit(sig, frame)
-        provider = getattr(self.wsgi, "extensions", {}).get("bus_containers")
+        provider = getattr(getattr(self, "wsgi", None), "extensions", {}).get("bus_containers")
         if provider is not None and self._drain_timer is None:
             self._drain_timer = threading.Timer(provider.settings.shutdown_grace, provider.drain)
             self._drain_timer.daemon = True
