@@ -8,7 +8,7 @@ from marshmallow import (
 # CONTRACT §7: env and stdin limits; and a command cap (count and bytes) of our own.
 MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_COMMAND_ITEMS = 1024
 MAX_COMMAND_BYTES = 128 * 1024
 # The outcomes a run result may carry (§7 "Outcome status").
@@ -64,7 +64,7 @@ class RunRequestSchema(Schema):
     def _env_limits(self, value, **kwargs):
         if len(value) > MAX_ENV_ENTRIES:
             raise ValidationError(f"at most {MAX_ENV_ENTRIES} entries")
-        if not all(ENV_NAME.match(name) for name in value):
+        if not all(ENV_NAME.fullmatch(name) for name in value):
             raise ValidationError("names must match [A-Za-z_][A-Za-z0-9_]*")
         size = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
                    for k, v in value.items())

@@ -109,7 +109,8 @@ def test_env_and_stdin_go_to_the_backend(answering):
 
 
 @pytest.mark.parametrize("extra", [
-    {"env": {"1A": "v"}}, {"env": {"A-B": "v"}}, {"env": {"": "v"}}, {"env": {"A": 1}}, {"env": ["A=1"]},
+    {"env": {"1A": "v"}}, {"env": {"A-B": "v"}}, {"env": {"A\n": "v"}}, {"env": {"": "v"}},
+    {"env": {"A": 1}}, {"env": ["A=1"]},
     {"env": {f"V{n}": "" for n in range(65)}}, {"env": {"BIG": "x" * (32 * 1024)}}, {"stdin": 5},
     {"stdin": None}, {"env": None}, {"command": ["x"] * 1025}, {"command": ["x" * (64 * 1024)] * 3},
 ])

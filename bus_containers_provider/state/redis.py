@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import StateUnavailable
-from .base import DONE, IN_FLIGHT, Claim
+from .base import IN_FLIGHT, Claim
 
 log = logging.getLogger(__name__)
 
