@@ -15,6 +15,15 @@ MAX_COMMAND_BYTES = 128 * 1024
 RUN_STATUSES = ("succeeded", "failed", "timed_out", "cancelled", "error")
 
 
+class StrictBoolean(fields.Boolean):
+    """JSON true or false, nothing else: truthy={True} alone lets 1 through, since 1 == True."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class Reply(Schema):
     """What integrations send: fields we do not know are ignored, not refused."""
 
@@ -136,7 +145,7 @@ class ItemsSchema(Reply):
 
 
 class DeleteResultSchema(OwnedReply):
-    deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    deleted = StrictBoolean(required=True)
     run_id = fields.String(required=True)
     owner_account_id = fields.String(required=True)
 
@@ -152,12 +161,12 @@ class RunnerStatusSchema(Reply):
 
 
 class RunnerStartSchema(Reply):
-    accepted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    accepted = StrictBoolean(required=True)
     action = fields.String(load_default="start")
 
 
 class RunnerDeleteSchema(Reply):
-    deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    deleted = StrictBoolean(required=True)
 
 
 class QuotaSchema(Reply):
@@ -171,7 +180,7 @@ class QuotaSchema(Reply):
 class BillingReplySchema(Reply):
     """bus.billing.entitlement.check.response payload."""
 
-    allowed = fields.Boolean(required=True, truthy={True}, falsy={False})
+    allowed = StrictBoolean(required=True)
     reason = fields.String()
     action = fields.String()
     command = fields.String()
