@@ -6,7 +6,7 @@ envelopes travel is tested against the real Events API in test_events.py.
 import pytest
 
 from bus_containers_provider import create_app
-from bus_containers_provider.backends import RunRequest
+from bus_containers_provider.backends import RunRequest, Watch
 from bus_containers_provider.backends.base import Backend
 from bus_containers_provider.backends.events import EventsBackend
 from bus_containers_provider.billing import EventsBilling
@@ -24,7 +24,7 @@ RUN = RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"], im
 # action -> (call, a well-formed payload for its reply)
 ACTIONS = {
     "status": (lambda b: b.status("acct-a"), {"items": [{"id": "x", "state": "ready"}]}),
-    "run": (lambda b: b.run(RUN), RUN_RESULT),
+    "run": (lambda b: b.run(RUN, Watch()), RUN_RESULT),
     "delete": (lambda b: b.delete("acct-a", "run_1"),
                {"deleted": True, "run_id": "run_1", "owner_account_id": "acct-a"}),
     "runner_status": (lambda b: b.runner_status(), {"status": {"state": "ready", "provider": "r", "details": {}}}),
@@ -40,7 +40,7 @@ class RecordingBus(AnsweringBus):
         super().__init__(envelope)
         self.calls = []
 
-    def request(self, name, payload, timeout):
+    def request(self, name, payload, timeout, **options):
         self.calls.append((name, payload, timeout))
         return self.envelope
 
@@ -88,7 +88,7 @@ def test_a_run_waits_its_timeout_plus_the_grace(body, wait):
     """§1: a run waits timeout_seconds + grace; with 0 or none, --max-run-timeout + grace."""
     bus = RecordingBus({"payload": RUN_RESULT})
     EventsBackend(bus, SETTINGS).run(RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"],
-                                                profile="p", **body))
+                                                profile="p", **body), Watch())
     [(name, payload, timeout)] = bus.calls
     assert name == "bus.containers.run.request" and timeout == wait
     assert payload.get("timeout_seconds") == body.get("timeout_seconds")
