@@ -1,14 +1,11 @@
 """gunicorn wiring shared by the console script and gunicorn.conf.py."""
-import json
 import logging
 import math
 
-from gunicorn import util
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
 
 from . import create_app, start, stop
-from .errors import HTTP_TYPES
+from .worker import ProviderWorker
 
 log = logging.getLogger("bus_containers_provider")
 
@@ -32,28 +29,6 @@ LOGGING = {
         "bus_containers_provider.requests": {"level": "INFO", "handlers": ["requests"], "propagate": False},
     },
 }
-
-
-def write_json_error(sock, status_int, reason, mesg):
-    """gunicorn's own answers (request line too long, headers too large, bad framing), as the JSON envelope."""
-    error_type = "unavailable" if status_int >= 500 else HTTP_TYPES.get(status_int, "bad_request")
-    body = json.dumps({"error": {"type": error_type, "message": reason}}).encode()
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
-    util.write_nonblock(sock, head + body)
-
-
-class JsonErrorWorker(ThreadWorker):
-    """The gthread worker (one thread per request), whose own error pages are JSON, not HTML.
-
-    gunicorn answers malformed requests before the app sees them, through
-    util.write_error; this worker process points that at the JSON envelope and
-    keeps gunicorn's own choice of status for each case.
-    """
-
-    def init_process(self):
-        util.write_error = write_json_error
-        super().init_process()
 
 
 def post_worker_init(worker):
@@ -82,8 +57,9 @@ def gunicorn_options(settings) -> dict:
         "workers": settings.effective_workers,
         "threads": settings.threads,
         # gthread: one thread per request. Its heartbeat does not depend on request
-        # threads, so the worker timeout never kills a long foreground run.
-        "worker_class": f"{__name__}.JsonErrorWorker",
+        # threads, so the worker timeout never kills a long foreground run. Request
+        # heads are read in the worker's poller, never in a request thread (worker.py).
+        "worker_class": f"{ProviderWorker.__module__}.{ProviderWorker.__name__}",
         # Room for an 8 KiB token in Authorization, so the app (not gunicorn) refuses larger ones.
         "limit_request_field_size": 16 * 1024,
         # SIGTERM: stop accepting, let in-flight runs finish for this long, then exit.
