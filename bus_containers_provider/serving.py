@@ -9,6 +9,9 @@ from .worker import ProviderWorker
 
 log = logging.getLogger("bus_containers_provider")
 
+# Beyond the shutdown grace, how long runs still waiting have to cancel themselves before gunicorn kills the worker.
+DRAIN_SECONDS = 5
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -62,8 +65,8 @@ def gunicorn_options(settings) -> dict:
         "worker_class": f"{ProviderWorker.__module__}.{ProviderWorker.__name__}",
         # Room for an 8 KiB token in Authorization, so the app (not gunicorn) refuses larger ones.
         "limit_request_field_size": 16 * 1024,
-        # SIGTERM: stop accepting, let in-flight runs finish for this long, then exit.
-        "graceful_timeout": math.ceil(settings.shutdown_grace),
+        # SIGTERM: stop accepting, let in-flight runs finish for the grace, cancel the rest, then exit.
+        "graceful_timeout": math.ceil(settings.shutdown_grace) + DRAIN_SECONDS,
         "logconfig_dict": LOGGING,
         # gunicorn's runtime control socket: one fixed path per user, so several
         # instances clobber each other, and an admin interface we do not use.

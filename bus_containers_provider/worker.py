@@ -32,6 +32,7 @@ import errno
 import json
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 
@@ -272,11 +273,20 @@ class ProviderWorker(ThreadWorker):
 
     # --- shutdown: refuse new connections at once -------------------------------------
 
+    _drain_timer = None
+
     def handle_exit(self, sig, frame):
         app = getattr(self, "wsgi", None)
         if self.alive and app is not None:
             lifecycle.mark_draining(app)
         super().handle_exit(sig, frame)
+        # In-flight runs may finish for the shutdown grace; then the ones still
+        # waiting are cancelled, in the time gunicorn allows beyond it (serving.DRAIN_SECONDS).
+        provider = getattr(app, "extensions", {}).get("bus_containers")
+        if provider is not None and self._drain_timer is None:
+            self._drain_timer = threading.Timer(provider.settings.shutdown_grace, provider.drain)
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
 
     def set_accept_enabled(self, enabled):
         if self.listeners_closed:
