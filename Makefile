@@ -7,7 +7,7 @@ ADDR ?= 127.0.0.1:8080
 DEV_SECRET := local-development-secret--DO-NOT-USE-IN-PRODUCTION
 DEV_SCOPES := container:read container:run container:delete
 
-.PHONY: run test bench clean
+.PHONY: run test bench soak clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk)
 	$(BIN)/python -m benchmarks
+
+# A bounded chaos run (SOAK_SECONDS, default 120): Events API restarts, killed workers, provider restarts.
+soak: $(BIN)/.installed
+	sh tools/ensure-tools.sh redis-server
+	$(BIN)/python tools/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

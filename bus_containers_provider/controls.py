@@ -213,7 +213,11 @@ class RunControls:
         if not key.new:
             return
         self._release(keys=(key.scope, run_id))
-        self.store.finish_key(key.scope, run_id, answer, self._ttl)
+        try:
+            self.store.finish_key(key.scope, run_id, answer, self._ttl)
+        except Unavailable:
+            # The run happened: its caller still gets the answer; only a retry after the lease may run again.
+            log.warning("could not remember the answer of run %s under its Idempotency-Key", run_id)
 
     def forget(self, key: Key, run_id: str) -> None:
         """An answer given before delegation is not remembered: a retry tries again."""

@@ -257,3 +257,26 @@ def test_capacity_is_per_worker_and_released(app):
         assert capacity.in_use == 1
         release.set()
     assert capacity.in_use == 0
+
+
+def test_an_answer_the_store_cannot_keep_is_still_answered(app, client):
+    from bus_containers_provider.errors import StateUnavailable
+
+    def unreachable(*args, **kwargs):
+        raise StateUnavailable()
+
+    app.extensions["bus_containers"].controls.store.finish_key = unreachable
+    response = post(client, key="store-went-away")
+    assert response.status_code == 200 and response.get_json()["status"] == "succeeded"
+
+
+def test_an_unreachable_store_refuses_the_run_before_it_starts(app, client):
+    from bus_containers_provider.errors import StateUnavailable
+
+    def unreachable(*args, **kwargs):
+        raise StateUnavailable()
+
+    app.extensions["bus_containers"].controls.store.claim_key = unreachable
+    response = post(client, key="no-store")
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
+    assert client.get(RUNS, headers=bearer()).get_json()["items"] == []
