@@ -1,6 +1,8 @@
 """gunicorn wiring shared by the console script and gunicorn.conf.py."""
+import ipaddress
 import logging
 import math
+from urllib.parse import urlsplit
 
 from gunicorn.app.base import BaseApplication
 
@@ -34,6 +36,20 @@ LOGGING = {
 }
 
 
+def plain_http_off_host(url) -> bool:
+    """True for an http:// URL whose host is not this machine (loopback is the only safe plain-http peer)."""
+    parsed = urlsplit(url or "")
+    if parsed.scheme != "http":
+        return False
+    host = parsed.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
+
+
 def post_worker_init(worker):
     # Threads do not survive fork: each worker starts its own listeners here.
     start(worker.wsgi)
@@ -54,6 +70,9 @@ def gunicorn_options(settings) -> dict:
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "
                         "see a different run list per worker", settings.effective_workers)
+        if settings.uses_events and plain_http_off_host(settings.events_url):
+            log.warning("the Events API URL %s is plain http to another host: BUS_API_TOKEN and every "
+                        "run's payload cross the network unencrypted; use https", settings.events_url)
 
     return {
         "bind": settings.addr,
