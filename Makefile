@@ -7,7 +7,7 @@ ADDR ?= 127.0.0.1:8080
 DEV_SECRET := local-development-secret--DO-NOT-USE-IN-PRODUCTION
 DEV_SCOPES := container:read container:run container:delete
 
-.PHONY: run test bench soak clean
+.PHONY: run test fuzz bench soak clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ run: $(BIN)/.installed
 test: $(BIN)/.installed
 	sh tools/ensure-tools.sh nginx redis-server
 	$(BIN)/python -m pytest
+
+# Long fuzzing: the fuzz tests with FUZZ_SCALE times their examples and a fresh seed
+# (printed, so a failure can be rerun with FUZZ_SEED=... and --hypothesis-seed=...).
+FUZZ_SCALE ?= 40
+FUZZ_SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+fuzz: $(BIN)/.installed
+	@echo "fuzz: FUZZ_SCALE=$(FUZZ_SCALE) FUZZ_SEED=$(FUZZ_SEED)"
+	FUZZ_SCALE=$(FUZZ_SCALE) FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python -m pytest -p no:cacheprovider \
+		--hypothesis-seed=$(FUZZ_SEED) tests/test_fuzz.py tests/test_reply_fuzz.py \
+		tests/security/test_openapi_rules.py tests/security/test_schemathesis_all.py tests/test_openapi.py
 
 bench: $(BIN)/.installed
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk)

@@ -1,11 +1,12 @@
 """Bearer-token verification (HS256 through joserfc, authlib's JOSE library) and the route guard."""
 import functools
+import math
 import time
 from dataclasses import dataclass
 
 from flask import current_app, g, request
 from joserfc import jwt
-from joserfc.errors import JoseError
+from joserfc.errors import InvalidClaimError, JoseError
 from joserfc.jwk import OctKey
 
 from .config import INTERNAL_AUDIENCE, PUBLIC_AUDIENCE
@@ -27,23 +28,43 @@ class Principal:
     scopes: frozenset
 
 
+# RFC 7519 NumericDate, as CONTRACT §2 pins it: a JSON number (never a bool or a string), finite,
+# and below 2^53 so that it is an exact integer in every JSON reader. 1e300 is a number, and a
+# token that never expires; NaN compares false to everything, and would never expire either.
+MAX_NUMERIC_DATE = 2 ** 53
+
+
+def _numeric_date(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidClaimError(name, f"Claim {name!r} must be a NumericDate")
+    # The range check comes first: math.isfinite raises OverflowError for a huge int.
+    if not -MAX_NUMERIC_DATE < value < MAX_NUMERIC_DATE or not math.isfinite(value):
+        raise InvalidClaimError(name, f"Claim {name!r} is out of range")
+    return value
+
+
 class _Claims(jwt.JWTClaimsRegistry):
-    """exp and nbf are strict; iat may run ahead of our clock by IAT_SKEW_SECONDS."""
+    """exp and nbf are strict; iat may run ahead of our clock by IAT_SKEW_SECONDS; every date is a NumericDate."""
+
+    def validate_exp(self, value):
+        super().validate_exp(_numeric_date("exp", value))
+
+    def validate_nbf(self, value):
+        super().validate_nbf(_numeric_date("nbf", value))
 
     def validate_iat(self, value):
-        _SKEWED.validate_iat(value)
-
-
-_SKEWED = jwt.JWTClaimsRegistry(leeway=IAT_SKEW_SECONDS)
-# Claim checks are opt-in in joserfc: every claim we rely on is essential.
-_CLAIMS = _Claims(**{name: {"essential": True} for name in ("sub", "aud", "exp", "iat")})
+        if _numeric_date("iat", value) > self.now + IAT_SKEW_SECONDS:
+            raise InvalidClaimError("iat", "The token was issued in the future")
 
 
 class TokenVerifier:
     """Verifies compact HS256 tokens for one audience at a time."""
 
-    def __init__(self, secret: bytes):
+    def __init__(self, secret: bytes, clock=time.time):
         self._key = OctKey.import_key(secret)
+        # Claim checks are opt-in in joserfc: every claim we rely on is essential.
+        self._claims = _Claims(now=lambda: int(clock()),
+                               **{name: {"essential": True} for name in ("sub", "aud", "exp", "iat")})
 
     def verify(self, token: str, audience: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
@@ -51,7 +72,7 @@ class TokenVerifier:
         try:
             decoded = jwt.decode(token, self._key, algorithms=ALGORITHMS)
             header, claims = decoded.header, decoded.claims
-            _CLAIMS.validate(claims)
+            self._claims.validate(claims)
         except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
             # Malformed input surfaces as plain Python errors too; all of it is a bad token.
             raise InvalidAuth("bearer token is invalid or expired") from None

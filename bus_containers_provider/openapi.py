@@ -1,8 +1,12 @@
 """The OpenAPI 3 document of the HTTP surface, generated from the marshmallow schemas.
 
 Every body shape comes from `schemas.py` through apispec's MarshmallowPlugin; this
-module only adds what marshmallow cannot say (paths, status codes, security, the
-cross-field rule of a run request and the configured `timeout_seconds` maximum).
+module only adds what marshmallow cannot say (paths, status codes, headers, security,
+the cross-field rules of a run request, the env limits and the configured
+`timeout_seconds` maximum). The rules are in the schema itself (anyOf, required,
+maxItems, maxProperties, propertyNames), not only in prose, so generated clients and
+fuzzers accept exactly what the provider accepts. OpenAPI 3.1, because a 3.0 schema
+cannot constrain the names of env's properties.
 
 The document is built once per app, by `init_app(app)`. Importing this module builds nothing.
 """
@@ -16,7 +20,7 @@ from . import schemas
 from .config import INTERNAL_AUDIENCE, PUBLIC_AUDIENCE, Settings
 
 OPENAPI_PATH = "/api/v1/containers/openapi.json"
-OPENAPI_VERSION = "3.0.3"
+OPENAPI_VERSION = "3.1.0"
 SECURITY_SCHEME = "bearerAuth"
 EXTENSION = "bus_containers_openapi"
 DEFAULT_MAX_RUN_TIMEOUT = int(Settings.max_run_timeout)
@@ -38,13 +42,47 @@ COMPONENTS = {
 }
 
 RUN_REQUEST_DESCRIPTION = (
-    "Body of a run. Besides the field types below, the provider enforces (400 `bad_request` otherwise): "
-    "`profile` or `image` is required; without `profile`, a non-empty `command` or `args` is required "
-    "(there is no portable default command); `args` is the older name of `command` and is used only when "
-    "`command` is absent; `timeout_seconds` is at most the configured maximum run timeout "
-    "(`--max-run-timeout`, default 3600). Unknown fields are rejected, including any attempt to name the "
-    "owner account (`owner_account_id`, `account_id`): the owner is always the token's `sub`."
+    "Body of a run (400 `bad_request` otherwise): `profile` or `image` is required; without `profile`, a "
+    "non-empty `command` or `args` is required (there is no portable default command); `args` is the older "
+    "name of `command` and is used only when `command` is absent; `timeout_seconds` is at most the configured "
+    "maximum run timeout (`--max-run-timeout`, default 3600). `command` (and `args`) hold at most "
+    f"{schemas.MAX_COMMAND_ITEMS} strings and {schemas.MAX_COMMAND_BYTES // 1024} KiB in all; `env` at most "
+    f"{schemas.MAX_ENV_ENTRIES} entries and {schemas.MAX_ENV_BYTES // 1024} KiB of names and values in all; "
+    "`stdin` fits in the 1 MiB body. `env` and `stdin` reach the container and appear nowhere else. "
+    "Unknown fields are rejected, including any attempt to name the owner account (`owner_account_id`, "
+    "`account_id`): the owner is always the token's `sub`."
 )
+
+# The cross-field rules of RunRequestSchema._needs_target, as JSON Schema: a profile, or an image with
+# a non-empty command, or an image with non-empty args and no command (args is used only without it).
+RUN_REQUEST_RULES = [
+    {"required": ["profile"]},
+    {"required": ["image", "command"], "properties": {"command": {"minItems": 1}}},
+    {"required": ["image", "args"], "not": {"required": ["command"]}, "properties": {"args": {"minItems": 1}}},
+]
+ENV_SCHEMA = {
+    "type": "object",
+    "maxProperties": schemas.MAX_ENV_ENTRIES,
+    "propertyNames": {"pattern": schemas.ENV_NAME.pattern},
+    "additionalProperties": {"type": "string"},
+}
+# CONTRACT §7: 1-255 of `!`..`~`, or a Structured Field string ("...", escapes \" and \\) that unquotes to that.
+IDEMPOTENCY_KEY_PATTERN = (
+    r'^(?:[!-~]|[!#-~][!-~]{0,254}|"[!-~]{0,253}[!#-~]|"(?:[!#-\[\]-~]|\\["\\]){1,255}")$'
+)
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes the run safe to retry: the same key with the same body answers the first run's "
+                   "answer again (`Idempotent-Replayed: true`), never a second run; with a different body, 422.",
+    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+}
+RETRY_AFTER = {
+    "description": "Whole seconds to wait before retrying.",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
 
 RUN_REQUEST_EXAMPLE = {"image": "alpine:3.20", "command": ["sh", "-c", "printf OK"], "timeout_seconds": 60}
 
@@ -58,10 +96,15 @@ ERRORS = {
     403: "`forbidden`: the token lacks the route's scope, or the backend answered with another account's result.",
     404: "`not_found`: no run with this id for the caller (another account's run is not found either).",
     405: "`method_not_allowed`: known route, wrong method.",
+    409: "`conflict`: a run with this `Idempotency-Key` is still in flight and this request cannot wait for it.",
     413: "`payload_too_large`: body over 1 MiB.",
     415: "`unsupported_media_type`: the body is not sent as `application/json`.",
+    422: "`idempotency_key_reused`: this `Idempotency-Key` was used with a different body.",
+    429: "`too_many_runs`: the account already has its maximum of runs in flight (`details`: `limit`, "
+         "`in_flight`).",
     502: "`bad_gateway`: the container integration answered with a malformed reply.",
-    503: "`unavailable`: the Events API is unreachable, a reply timed out, or a required reply listener is down.",
+    503: "`unavailable`: the Events API is unreachable, a reply timed out, a required reply listener is down, "
+         "this process's run capacity is full, the state store is down, or the provider is shutting down.",
 }
 
 BACKEND_ERRORS = (401, 403, 405, 502, 503)
@@ -73,9 +116,11 @@ INTERNAL_SCOPE = "Internal: bearer JWT with audience `{audience}` and scope `con
 # status -> the name of its reusable response in components.responses.
 RESPONSE_NAMES = {
     400: "BadRequest", 401: "Unauthorized", 402: "BillingRequired", 403: "Forbidden", 404: "NotFound",
-    405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 502: "BadGateway",
-    503: "Unavailable",
+    405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
+    422: "IdempotencyKeyReused", 429: "TooManyRuns", 502: "BadGateway", 503: "Unavailable",
 }
+# Refusals a client should retry later say when (CONTRACT §3, §7).
+RETRIED = (409, 429, 503)
 
 
 def _error(status: int) -> dict:
@@ -92,6 +137,8 @@ def _error(status: int) -> dict:
             "required": True,
             "schema": {"type": "string"},
         }}
+    elif status in RETRIED:
+        response["headers"] = {"Retry-After": RETRY_AFTER}
     return response
 
 
@@ -165,8 +212,7 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
         component = {"description": RUN_REQUEST_DESCRIPTION, "example": RUN_REQUEST_EXAMPLE} \
             if name == "RunRequest" else None
         spec.components.schema(name, component, schema=schema)
-    # The ceiling is configuration, not a field declaration: the marshmallow field says only min=0.
-    spec.components.schemas["RunRequest"]["properties"]["timeout_seconds"]["maximum"] = int(max_run_timeout)
+    _run_request_rules(spec.components.schemas["RunRequest"], max_run_timeout)
 
     read = _public("container:read")
     spec.path(path="/api/v1/containers/status", operations={"get": _operation(
@@ -178,8 +224,13 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
             "createRun", "Run one container",
             f"Runs one container in the foreground and answers with its result; a non-zero `exit_code` is "
             f"still a 200. {_public('container:run')}", "containers",
-            {200: dict(_ok("The finished run.", "RunResult"), links=RUN_LINKS)},
-            (400, 402, 413, 415, *BACKEND_ERRORS),
+            {200: dict(_ok("The finished run (or, for a retried `Idempotency-Key`, the first run's answer).",
+                           "RunResult"), links=RUN_LINKS, headers={"Idempotent-Replayed": {
+                               "description": "`true` when this is the stored answer of an earlier request "
+                                              "with the same `Idempotency-Key`.",
+                               "schema": {"type": "string", "enum": ["true"]}}})},
+            (400, 402, 409, 413, 415, 422, 429, *BACKEND_ERRORS),
+            parameters=[IDEMPOTENCY_KEY],
             requestBody={"required": True, "content": {"application/json": {"schema": "RunRequest"}}}),
         "get": _operation(
             "listRuns", "The caller's runs", f"The caller's run items. {read}", "containers",
@@ -215,6 +266,17 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
                "content": {"application/json": {"schema": {"type": "object"}}}}},
         (405,), secured=False)})
     return spec.to_dict()
+
+
+def _run_request_rules(component: dict, max_run_timeout: float) -> None:
+    """What RunRequestSchema checks beyond its field types, in the component itself."""
+    properties = component["properties"]
+    # The ceiling is configuration, not a field declaration: the marshmallow field says only min=0.
+    properties["timeout_seconds"]["maximum"] = int(max_run_timeout)
+    if "env" in properties:
+        # apispec reads a Dict's Length as maxLength; env's limits are on its entries and names.
+        properties["env"] = dict(ENV_SCHEMA)
+    component["anyOf"] = RUN_REQUEST_RULES
 
 
 def _version() -> str:

@@ -1,15 +1,13 @@
 """gunicorn wiring shared by the console script and gunicorn.conf.py."""
-import json
+import ipaddress
 import logging
 import math
-import threading
+from urllib.parse import urlsplit
 
-from gunicorn import util
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
 
 from . import create_app, start, stop
-from .errors import HTTP_TYPES
+from .worker import ProviderWorker
 
 log = logging.getLogger("bus_containers_provider")
 
@@ -38,38 +36,18 @@ LOGGING = {
 }
 
 
-def write_json_error(sock, status_int, reason, mesg):
-    """gunicorn's own answers (request line too long, headers too large, bad framing), as the JSON envelope."""
-    error_type = "unavailable" if status_int >= 500 else HTTP_TYPES.get(status_int, "bad_request")
-    body = json.dumps({"error": {"type": error_type, "message": reason}}).encode()
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
-    util.write_nonblock(sock, head + body)
-
-
-class JsonErrorWorker(ThreadWorker):
-    """The gthread worker (one thread per request), whose own error pages are JSON, not HTML.
-
-    gunicorn answers malformed requests before the app sees them, through
-    util.write_error; this worker process points that at the JSON envelope and
-    keeps gunicorn's own choice of status for each case.
-    """
-
-    def init_process(self):
-        util.write_error = write_json_error
-        super().init_process()
-
-    def handle_exit(self, sig, frame):
-        # SIGTERM: in-flight runs may finish for the shutdown grace; then the ones
-        # still waiting are cancelled, in the DRAIN_SECONDS gunicorn allows beyond it.
-        super().handle_exit(sig, frame)
-        provider = getattr(getattr(self, "wsgi", None), "extensions", {}).get("bus_containers")
-        if provider is not None and self._drain_timer is None:
-            self._drain_timer = threading.Timer(provider.settings.shutdown_grace, provider.drain)
-            self._drain_timer.daemon = True
-            self._drain_timer.start()
-
-    _drain_timer = None
+def plain_http_off_host(url) -> bool:
+    """True for an http:// URL whose host is not this machine (loopback is the only safe plain-http peer)."""
+    parsed = urlsplit(url or "")
+    if parsed.scheme != "http":
+        return False
+    host = parsed.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 def post_worker_init(worker):
@@ -92,14 +70,18 @@ def gunicorn_options(settings) -> dict:
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "
                         "see a different run list per worker", settings.effective_workers)
+        if settings.uses_events and plain_http_off_host(settings.events_url):
+            log.warning("the Events API URL %s is plain http to another host: BUS_API_TOKEN and every "
+                        "run's payload cross the network unencrypted; use https", settings.events_url)
 
     return {
         "bind": settings.addr,
         "workers": settings.effective_workers,
         "threads": settings.threads,
         # gthread: one thread per request. Its heartbeat does not depend on request
-        # threads, so the worker timeout never kills a long foreground run.
-        "worker_class": f"{__name__}.JsonErrorWorker",
+        # threads, so the worker timeout never kills a long foreground run. Request
+        # heads are read in the worker's poller, never in a request thread (worker.py).
+        "worker_class": f"{ProviderWorker.__module__}.{ProviderWorker.__name__}",
         # Room for an 8 KiB token in Authorization, so the app (not gunicorn) refuses larger ones.
         "limit_request_field_size": 16 * 1024,
         # SIGTERM: stop accepting, let in-flight runs finish for the grace, cancel the rest, then exit.

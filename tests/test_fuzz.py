@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 
 from bus_containers_provider import create_app, start, stop
 from conftest import INTERNAL, PUBLIC, SECRET, env
+from fuzzing import examples
 
 KEY = SECRET.encode()
 ALL_PUBLIC = "container:read container:run container:delete"
 RUNS = "/api/v1/containers/runs"
 
 FUZZ = settings(
-    max_examples=250,
+    max_examples=examples(250),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

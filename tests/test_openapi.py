@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
 import processes
 from bus_containers_provider import create_app, openapi, schemas
 from conftest import ALL_PUBLIC_SCOPES, INTERNAL, bearer, env
+from fuzzing import examples
 
 OPENAPI_PATH = "/api/v1/containers/openapi.json"
 RUNS = "/api/v1/containers/runs"
@@ -31,7 +32,7 @@ RUNNER = "/api/internal/containers/runner"
 BACKEND_ERRORS = {401, 403, 405, 502, 503}
 EXPECTED = {
     "/api/v1/containers/status": {"get": {200} | BACKEND_ERRORS},
-    RUNS: {"get": {200} | BACKEND_ERRORS, "post": {200, 400, 402, 413, 415} | BACKEND_ERRORS},
+    RUNS: {"get": {200} | BACKEND_ERRORS, "post": {200, 400, 402, 409, 413, 415, 422, 429} | BACKEND_ERRORS},
     RUN: {"get": {200, 404} | BACKEND_ERRORS, "delete": {200, 404} | BACKEND_ERRORS},
     RUNNER: {"get": {200} | BACKEND_ERRORS, "post": {202} | BACKEND_ERRORS, "delete": {200} | BACKEND_ERRORS},
     "/readyz": {"get": {200, 405, 503}},
@@ -230,7 +231,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 PUBLIC_HEADERS = bearer(scope=ALL_PUBLIC_SCOPES)
 INTERNAL_HEADERS = bearer(scope="container:admin", audience=INTERNAL)
-LIVE = settings(max_examples=25, deadline=None, database=None,
+LIVE = settings(max_examples=examples(25), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                        HealthCheck.data_too_large])
 

@@ -2,9 +2,9 @@
 from marshmallow import ValidationError
 
 from ..bus import envelope_error, reply_name_for
-from ..errors import BadGateway, RunNotFound
+from ..errors import BadGateway, OwnerMismatch, RunNotFound
 from ..schemas import (
-    delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
+    _owner_from_identity, delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
     runner_status_schema,
 )
 from .base import Backend, RunRequest, Watch, check_owner
@@ -55,7 +55,13 @@ class EventsBackend(Backend):
         return reply_payload(envelope, schema, what)
 
     def status_items(self, account):
-        return self._ask(STATUS, {"owner_account_id": account}, items_schema, "status")["items"]
+        envelope = self._bus.request(STATUS, {"owner_account_id": account}, self._settings.request_timeout)
+        items = reply_payload(envelope, items_schema, "status")["items"]
+        # A reply addressed to another account is not ours to show, not even its unowned items.
+        owner = _owner_from_identity(envelope["payload"]).get("owner_account_id")
+        if owner is not None and owner != account:
+            raise OwnerMismatch()
+        return items
 
     def run(self, request: RunRequest, watch: Watch):
         payload = {"run_id": request.run_id, "owner_account_id": request.owner_account_id,
