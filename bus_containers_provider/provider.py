@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
+from . import metrics
 from .auth import TokenVerifier
 from .backends import Backend, RunRequest, create_backend
 from .backends.base import check_owner
@@ -42,11 +43,14 @@ class Provider:
         self.billing.check(run.owner_account_id)
         self.usage.record(usage_event(REQUESTED, run, {
             key: getattr(run, key) for key in ("profile", "timeout_seconds") if getattr(run, key) is not None}))
+        metrics.run_started()
         try:
             result = check_owner(self.backend.run(run), run.owner_account_id)
         except Exception as exc:
+            metrics.run_failed(exc)
             self.usage.record_later(usage_event(FAILED, run, {"reason": as_provider_error(exc).type}))
             raise
+        metrics.run_finished(result.get("status") or ("succeeded" if result["exit_code"] == 0 else "failed"))
         self.usage.record_later(usage_event(FINISHED, run, {
             "duration_ms": result["duration_ms"], "exit_code": result["exit_code"], "image": result["image"]}))
         return result

@@ -9,6 +9,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from . import create_app, start, stop
 from .errors import HTTP_TYPES
+from .metrics.exporter import Exporter
 
 log = logging.getLogger("bus_containers_provider")
 
@@ -70,8 +71,10 @@ def worker_exit(server, worker):
 
 def gunicorn_options(settings) -> dict:
     """gunicorn settings that follow from the provider's Settings."""
+    exporter = Exporter(settings.metrics_addr)
 
     def on_starting(server):
+        exporter.on_starting(server)
         log.info("configuration: %s", settings.redacted())
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "
@@ -95,6 +98,10 @@ def gunicorn_options(settings) -> dict:
         "on_starting": on_starting,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        # The /metrics listener and the workers' metric files (no-ops without --metrics-addr).
+        "when_ready": exporter.when_ready,
+        "child_exit": exporter.child_exit,
+        "on_exit": exporter.on_exit,
     }
 
 

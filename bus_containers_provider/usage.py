@@ -6,6 +6,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from . import metrics
 from .bus import envelope_error
 from .bus.client import EventsError
 from .errors import ProviderError, Unavailable
@@ -99,8 +100,10 @@ class EventsUsage(NoUsage):
         with self._wake:
             if len(self._due) >= self.BACKLOG:
                 log.error("usage %s for run %s dropped: the backlog is full", event["event_type"], _run(event))
+                metrics.usage_lost("backlog_full")
                 return
             heapq.heappush(self._due, (time.monotonic() + delay, next(self._sequence), attempt, event))
+            metrics.usage_pending(len(self._due))
             self._wake.notify()
 
     def start(self) -> None:
@@ -117,6 +120,7 @@ class EventsUsage(NoUsage):
             self._thread = None
         for _, _, _, event in self._due:
             log.error("usage %s for run %s not recorded before shutdown", event["event_type"], _run(event))
+        metrics.usage_lost("shutdown", len(self._due))
         self._due.clear()
 
     def _next_due(self):
@@ -125,6 +129,7 @@ class EventsUsage(NoUsage):
             while not self._stopping:
                 wait = self._due[0][0] - time.monotonic() if self._due else None
                 if wait is not None and wait <= 0:
+                    metrics.usage_pending(len(self._due) - 1)
                     return heapq.heappop(self._due)
                 self._wake.wait(wait)
         return None
@@ -138,6 +143,7 @@ class EventsUsage(NoUsage):
                 if attempt >= self.ATTEMPTS:
                     log.error("usage %s for run %s lost after %d attempts (%s)",
                               event["event_type"], _run(event), attempt, exc)
+                    metrics.usage_lost("attempts")
                     continue
                 log.warning("usage %s for run %s not recorded (%s); retrying",
                             event["event_type"], _run(event), exc)

@@ -5,6 +5,7 @@ import time
 
 import requests
 
+from .. import metrics
 from .client import EventsClient, EventsError, EventsRejected
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Listener(threading.Thread):
         return self._connected.wait(timeout)
 
     def start(self) -> None:
+        metrics.listener_state(self.reply_name, False)
         self._went_down("not connected yet")
         super().start()
 
@@ -76,6 +78,7 @@ class Listener(threading.Thread):
                         self._registry.mark_down(self.reply_name, reason)
                     return
                 # A failure, or a stream that ends as soon as it opens: back off.
+                metrics.listener_reconnected(self.reply_name)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, self._retry_max)
 
@@ -105,6 +108,7 @@ class Listener(threading.Thread):
             with self._state_lock:
                 if self._connected.is_set():
                     self._connected.clear()
+                    metrics.listener_state(self.reply_name, False)
                     self._went_down("stream ended")
 
     def _opened(self, raw) -> None:
@@ -113,6 +117,7 @@ class Listener(threading.Thread):
             self._cancel_grace()
             self._registry.mark_up(self.reply_name)
             self._connected.set()
+        metrics.listener_state(self.reply_name, True)
         log.info("listening for %s", self.reply_name)
 
     def _went_down(self, reason: str) -> None:
