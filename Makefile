@@ -25,6 +25,7 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	sh tools/ensure-nginx.sh
+	sh tools/ensure-promtool.sh
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed
