@@ -9,7 +9,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from . import create_app, start, stop
 from .errors import HTTP_TYPES
-from .metrics.exporter import Exporter
+from .metrics import exporter
 
 log = logging.getLogger("bus_containers_provider")
 
@@ -71,10 +71,9 @@ def worker_exit(server, worker):
 
 def gunicorn_options(settings) -> dict:
     """gunicorn settings that follow from the provider's Settings."""
-    exporter = Exporter(settings.metrics_addr)
 
     def on_starting(server):
-        exporter.on_starting(server)
+        exporter.on_starting(server, settings.metrics_addr)
         log.info("configuration: %s", settings.redacted())
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "

@@ -7,7 +7,6 @@ directory to see that both served.
 """
 import concurrent.futures
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -15,8 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -257,6 +254,21 @@ def test_gunicorn_conf_serves_the_same_metrics():
         samples = scrape(process.metrics_url)
     assert statuses == [200] * 5
     assert requests_total(samples, RUNS, "POST", 200) == 5
+
+
+def alive(pid: int) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def test_the_listener_exits_when_the_master_is_killed():
+    with metrics_provider() as provider:
+        assert alive(provider.exporter_pid)
+        os.kill(provider.pid, signal.SIGKILL)
+        wait_for(lambda: not alive(provider.exporter_pid), timeout=10, what="the listener to exit")
+    # No on_exit ran: the directory is left behind, as after any SIGKILL (PrivateTmp clears it under systemd).
+    shutil.rmtree(provider.metrics_dir, ignore_errors=True)
 
 
 def test_a_busy_metrics_address_fails_the_start():

@@ -9,9 +9,7 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from processes import ROOT

@@ -30,18 +30,38 @@ log = logging.getLogger("bus_containers_provider")
 PARENT_POLL_SECONDS = 1.0
 
 
-class Exporter:
-    """gunicorn hooks for one start: on_starting, when_ready, child_exit, on_exit. No-ops without an address."""
+def on_starting(server, addr) -> None:
+    """Set up metrics for this start of `server` (the arbiter), which keeps the state across reloads."""
+    if addr:
+        server.metrics_exporter = Exporter(addr)
+        server.metrics_exporter.prepare()
 
-    def __init__(self, addr):
+
+def when_ready(server) -> None:
+    if (exporter := getattr(server, "metrics_exporter", None)) is not None:
+        exporter.start_listener()
+
+
+def child_exit(server, worker) -> None:
+    if (exporter := getattr(server, "metrics_exporter", None)) is not None:
+        exporter.worker_gone(worker.pid)
+
+
+def on_exit(server) -> None:
+    if (exporter := getattr(server, "metrics_exporter", None)) is not None:
+        exporter.close()
+
+
+class Exporter:
+    """One start's metrics directory, metrics socket and listener process, held by the gunicorn master."""
+
+    def __init__(self, addr: str):
         self.addr = addr
         self.directory = None
         self._socket = None
         self.process = None
 
-    def on_starting(self, server) -> None:
-        if not self.addr:
-            return
+    def prepare(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="bus-containers-metrics-")
         # Before any worker is forked, and before anything imports prometheus_client.
         os.environ[MULTIPROC_DIR] = self.directory
@@ -52,7 +72,7 @@ class Exporter:
             self._remove_directory()
             raise SystemExit(1) from None
 
-    def when_ready(self, server) -> None:
+    def start_listener(self) -> None:
         if self._socket is None:
             return
         fd = self._socket.fileno()
@@ -65,15 +85,15 @@ class Exporter:
         log.info("metrics on http://%s/metrics (listener pid %d), aggregated from %s",
                  self.addr, self.process.pid, self.directory)
 
-    def child_exit(self, server, worker) -> None:
+    def worker_gone(self, pid: int) -> None:
         # A dead worker's live gauges (runs in flight, listener state, usage backlog) leave the sums;
         # its counters and histograms stay, so totals never go backwards.
         if self.directory:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(worker.pid, self.directory)
+            multiprocess.mark_process_dead(pid, self.directory)
 
-    def on_exit(self, server) -> None:
+    def close(self) -> None:
         if self.process is not None:
             self.process.terminate()
             try:
