@@ -122,6 +122,7 @@ class EventsUsage(NoUsage):
             log.error("usage %s for run %s not recorded before shutdown", event["event_type"], _run(event))
         metrics.usage_lost("shutdown", len(self._due))
         self._due.clear()
+        metrics.usage_pending(0)
 
     def _next_due(self):
         """The next record whose time has come, or None when stopping."""

@@ -244,6 +244,107 @@ def test_a_full_scrape_carries_no_account_run_id_token_env_or_stdin(events_serve
         assert marker not in text
 
 
+def test_denials_timeouts_and_a_dropped_listener_are_counted(events_server, responder):
+    usage_and_billing = {"BUS_CONTAINERS_BILLING_BACKEND": "events", "BUS_CONTAINERS_USAGE_BACKEND": "events"}
+    names = [*REPLY_NAMES, "bus.usage.record.response", "bus.billing.entitlement.check.response"]
+    responder.billing["acct-unpaid"] = {"allowed": False, "reason": "billing_required", "action": "setup_billing"}
+    responder.billing["acct-odd"] = {"allowed": False, "reason": "billing_required", "action": "odd-action-marker"}
+    with metrics_provider(env=events_process_env(events_server, **usage_and_billing)) as provider:
+        connected = lambda: {name: value(scrape(provider.metrics_url), "bus_containers_events_listener_connected",
+                                         event=name) for name in names}
+        wait_for(lambda: set(connected().values()) == {1}, what="every listener connected")
+        assert fresh_post(provider.url, "acct-unpaid").status_code == 402
+        assert fresh_post(provider.url, "acct-odd").status_code == 402
+        timed_out = fresh_post(provider.url, "acct-a", {"profile": "never", "timeout_seconds": 1})
+        assert timed_out.status_code == 503
+        counted = scrape(provider.metrics_url)
+
+        # Every stream of one reply name drops and cannot reopen: each worker's gauge goes to 0.
+        events_server.fail_streams(503)
+        events_server.drop_streams("bus.containers.status.response")
+        wait_for(lambda: connected()["bus.containers.status.response"] == 0, what="the listener state to drop")
+        reconnects = lambda: value(scrape(provider.metrics_url), "bus_containers_events_listener_reconnects_total",
+                                   event="bus.containers.status.response")
+        wait_for(lambda: reconnects() >= 2, what="reconnect attempts")
+        assert connected()["bus.containers.run.response"] == 1
+        events_server.reset_faults()
+        wait_for(lambda: set(connected().values()) == {1}, what="the listener to come back")
+        text = requests.get(f"{provider.metrics_url}/metrics", timeout=10).text
+
+    assert value(counted, "bus_containers_billing_denials_total", action="setup_billing") == 1
+    assert value(counted, "bus_containers_billing_denials_total", action="other") == 1
+    assert value(counted, "bus_containers_events_reply_timeouts_total", event="bus.containers.run.response") == 1
+    assert value(counted, "bus_containers_runs_total", status="error") == 1
+    assert value(counted, "bus_containers_runs_in_flight") == 0
+    # The run that timed out published a usage record first; the denied ones never got that far.
+    assert value(counted, "bus_containers_events_reply_seconds_count", event="bus.usage.record.response") >= 1
+    assert value(counted, "bus_containers_events_reply_seconds_count",
+                 event="bus.billing.entitlement.check.response") == 3
+    assert "odd-action-marker" not in text and "acct-unpaid" not in text
+
+
+def test_usage_records_lost_and_pending_are_counted(events_server, responder, tmp_path):
+    """A real EventsUsage in a process with the multiprocess directory set, against the real Events API."""
+    responder.refuse_usage["container_run_finished"] = 100
+    responder.hold_usage.add("container_run_failed")
+    probe = """
+import sys, time
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from bus_containers_provider import create_app, start, stop, metrics
+from bus_containers_provider.usage import EventsUsage
+
+url, secret, token, directory = sys.argv[1:]
+app = create_app({"BUS_CONTAINERS_JWT_SECRET": secret, "BUS_CONTAINERS_BACKEND": "events",
+                  "BUS_EVENTS_API_URL": url, "BUS_API_TOKEN": token, "BUS_CONTAINERS_USAGE_BACKEND": "events",
+                  "BUS_CONTAINERS_METRICS_ADDR": "127.0.0.1:9", "BUS_EVENTS_LISTENER_RETRY": "1"})
+assert metrics.enabled()
+start(app)
+bus = app.extensions["bus_containers"].bus
+assert bus.wait_connected(10)
+
+def scrape():
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry).decode()
+
+def event(n, kind):
+    return {"event_type": kind, "event_id": f"r{n}:{kind}", "account_id": "a",
+             "occurred_at": "2026-01-01T00:00:00Z", "data": {"run_id": f"r{n}"}}
+
+usage = EventsUsage(bus, timeout=1.0, retry_delay=0.01)
+usage.start()
+usage.record_later(event(1, "container_run_finished"))  # refused every time: lost after its attempts
+deadline = time.monotonic() + 30
+while 'reason="attempts"' not in scrape():
+    assert time.monotonic() < deadline, scrape()
+    time.sleep(0.05)
+print("AFTER-LOST", scrape().replace(chr(10), "|"))
+for n in range(2, 5):
+    usage.record_later(event(n, "container_run_failed"))  # never answered: the sender waits on the first
+# One record goes to the sender, which waits on its reply; the other two stay queued behind it.
+while "bus_containers_usage_records_pending 2.0" not in scrape():
+    assert time.monotonic() < deadline, scrape()
+    time.sleep(0.05)
+print("QUEUED", scrape().replace(chr(10), "|"))
+usage.stop()
+print("STOPPED", scrape().replace(chr(10), "|"))
+stop(app)
+"""
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    result = subprocess.run([sys.executable, "-c", probe, events_server.url, SECRET, EVENTS_TOKEN, str(directory)],
+                            env=provider_env(PROMETHEUS_MULTIPROC_DIR=str(directory)), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1].split("|") for line in result.stdout.splitlines()}
+    sample = lambda stage, name: next(float(s.rsplit(" ", 1)[1]) for s in lines[stage] if s.startswith(name + " "))
+    assert sample("AFTER-LOST", 'bus_containers_usage_records_lost_total{reason="attempts"}') == 1
+    assert sample("AFTER-LOST", "bus_containers_usage_records_pending") == 0
+    assert sample("QUEUED", 'bus_containers_usage_records_lost_total{reason="attempts"}') == 1
+    assert sample("STOPPED", 'bus_containers_usage_records_lost_total{reason="shutdown"}') >= 2
+    assert sample("STOPPED", "bus_containers_usage_records_pending") == 0
+
+
 def test_gunicorn_conf_serves_the_same_metrics():
     port = free_port()
     environment = provider_env(BUS_CONTAINERS_METRICS_ADDR=f"127.0.0.1:{port}", BUS_CONTAINERS_WORKERS="2")
