@@ -24,8 +24,7 @@ run: $(BIN)/.installed
 	BUS_CONTAINERS_JWT_SECRET='$(DEV_SECRET)' $(BIN)/bus-api-provider-containers --backend static --addr $(ADDR)
 
 test: $(BIN)/.installed
-	sh tools/ensure-nginx.sh
-	sh tools/ensure-promtool.sh
+	sh tools/ensure-tools.sh nginx redis-server promtool
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed

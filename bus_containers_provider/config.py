@@ -102,6 +102,10 @@ class Settings:
             return min(self.reserved_threads, self.threads - 1)
         return min(max(2, self.threads // 8), self.threads - 1)
 
+    def run_wait(self, timeout_seconds: Optional[int]) -> float:
+        """How long a run's answer is waited for: 0 or absent means the longest run we accept."""
+        return (timeout_seconds or self.max_run_timeout) + self.run_timeout_grace
+
     @property
     def run_capacity(self) -> int:
         """Runs one worker holds at once; the other threads stay free for everything else."""

@@ -117,7 +117,7 @@ HTTP_TYPES = {
 }
 
 
-def error_response(status, error_type, message, *, action=None, command=None, details=None, headers=None):
+def error_body(error_type, message, *, action=None, command=None, details=None) -> dict:
     """The contract's error envelope, from the schema that documents it."""
     from .schemas import error_schema
 
@@ -125,7 +125,11 @@ def error_response(status, error_type, message, *, action=None, command=None, de
     for key, value in (("action", action), ("command", command), ("details", details)):
         if value is not None:
             body[key] = value
-    response = jsonify(error_schema.dump({"error": body}))
+    return error_schema.dump({"error": body})
+
+
+def error_response(status, error_type, message, *, action=None, command=None, details=None, headers=None):
+    response = jsonify(error_body(error_type, message, action=action, command=command, details=details))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value

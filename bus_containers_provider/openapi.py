@@ -26,7 +26,7 @@ bp = Blueprint("openapi", __name__)
 # Component name -> the one schema instance of schemas.py that declares the shape.
 COMPONENTS = {
     "RunRequest": schemas.run_request_schema,
-    "RunResult": schemas.run_result_schema,
+    "RunResult": schemas.run_answer_schema,
     "StatusItem": schemas.status_item_schema,
     "Items": schemas.items_schema,
     "DeleteResult": schemas.delete_result_schema,

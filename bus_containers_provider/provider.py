@@ -1,15 +1,46 @@
-"""The per-app parts (settings, verifier, backend, usage, billing, Events bus) and the run flow."""
-from dataclasses import dataclass
-from typing import Optional
+"""The per-app parts (settings, verifier, backend, usage, billing, run controls, Events bus) and the run flow."""
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from . import metrics
 from .auth import TokenVerifier
-from .backends import Backend, RunRequest, create_backend
+from .backends import Backend, RunRequest, Watch, create_backend
 from .backends.base import check_owner
 from .billing import EventsBilling, NoBilling
 from .config import Settings
-from .errors import as_provider_error
+from .controls import RunControls, fingerprint, never
+from .errors import RunCancelled, as_provider_error, error_body
+from .results import CANCELLED, ERROR, settle
+from .schemas import run_answer_schema
+from .state import create_store
 from .usage import FAILED, FINISHED, REQUESTED, EventsUsage, MemoryUsage, NoUsage, usage_event
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A run's answer as sent: what an Idempotency-Key remembers and replays."""
+
+    status: int
+    body: dict
+    headers: dict = field(default_factory=dict)
+    replayed: bool = False
+
+    def stored(self) -> dict:
+        return {"status": self.status, "body": self.body, "headers": self.headers}
+
+    @classmethod
+    def replay(cls, stored: dict) -> "Answer":
+        return cls(stored["status"], stored["body"], dict(stored.get("headers") or {}), replayed=True)
+
+    @classmethod
+    def of_error(cls, exc, run_id: str) -> "Answer":
+        """A delegated run's error, naming the run so the caller can read it later."""
+        error = as_provider_error(exc)
+        details = dict(error.details or {}, run_id=run_id)
+        body = error_body(error.type, error.message, action=error.action, command=error.command, details=details)
+        headers = {k: v for k, v in error.headers.items() if k == "Retry-After"}
+        return cls(error.status, body, headers)
 
 
 @dataclass
@@ -19,41 +50,106 @@ class Provider:
     backend: Backend
     usage: NoUsage
     billing: NoBilling
+    controls: RunControls
     bus: Optional[object] = None
+    # Set when the shutdown grace has run out: every run still waiting is cancelled.
+    draining: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         """Open reply streams and background work; once per worker, after fork."""
         if self.bus is not None:
             self.bus.start()
         self.usage.start()
+        self.controls.start()
 
     def stop(self) -> None:
+        self.controls.stop()
         self.usage.stop()
         if self.bus is not None:
             self.bus.stop()
 
-    def not_ready(self) -> list:
-        """Names of the reply listeners readiness still waits for."""
-        if self.bus is None or not self.settings.listener_required:
-            return []
-        return self.bus.disconnected()
+    def drain(self) -> None:
+        """The shutdown grace is over: cancel the runs still waiting, as if their callers had gone."""
+        self.draining.set()
 
-    def run(self, run: RunRequest) -> dict:
+    def not_ready(self) -> list:
+        """Names of what readiness still waits for: reply listeners, and `state` while the store is down."""
+        missing = []
+        if self.bus is not None and self.settings.listener_required:
+            missing.extend(self.bus.disconnected())
+        if self.settings.state_url and self.controls.down():
+            missing.append("state")
+        return missing
+
+    def run(self, run: RunRequest, idempotency_key: Optional[str] = None,
+            caller_gone: Callable[[], Optional[str]] = never) -> Answer:
+        """Key, capacity, account slot, entitlement, usage record, the run, its usage record: in that order.
+
+        Answers given before the run is handed to the backend are raised and never
+        remembered; the answer of a handed-over run (its result, or its error) is
+        returned and remembered under the Idempotency-Key.
+        """
+        controls, account = self.controls, run.owner_account_id
+        body_fingerprint = fingerprint(run.body)
+        key = controls.claim(account, idempotency_key, body_fingerprint, run.run_id)
+        if key.answer is not None:
+            return Answer.replay(key.answer)
+        gone = self._cancelled(caller_gone)
+        try:
+            # A retry of a run in flight holds a thread as long as the run: it needs capacity too.
+            with controls.capacity.hold(refusal=controls.busy(key) if key.holder else None):
+                if key.holder is not None:
+                    key = controls.join(key, body_fingerprint, run.run_id,
+                                        wait=self.settings.run_wait(run.timeout_seconds), gone=gone)
+                    if key.answer is not None:
+                        return Answer.replay(key.answer)
+                with controls.slot(account, run.run_id):
+                    answer = self._delegate(run, gone)
+        except BaseException:
+            controls.forget(key, run.run_id)
+            raise
+        controls.remember(key, run.run_id, answer.stored())
+        return answer
+
+    def _delegate(self, run: RunRequest, gone) -> Answer:
         """Entitlement, then a usage record, then the run; no billing answer or no record means no run."""
         self.billing.check(run.owner_account_id)
         self.usage.record(usage_event(REQUESTED, run, {
             key: getattr(run, key) for key in ("profile", "timeout_seconds") if getattr(run, key) is not None}))
+        watch = Watch(cancelled=gone)
         metrics.run_started()
         try:
-            result = check_owner(self.backend.run(run), run.owner_account_id)
+            result = check_owner(self.backend.run(run, watch), run.owner_account_id)
+        except RunCancelled as exc:
+            metrics.run_failed(exc)
+            # Nobody will read this run's result: stop it, and bill nobody for it.
+            self.backend.cancel(run)
+            self.usage.record_later(usage_event(FAILED, run, {"reason": CANCELLED}))
+            raise
         except Exception as exc:
             metrics.run_failed(exc)
             self.usage.record_later(usage_event(FAILED, run, {"reason": as_provider_error(exc).type}))
-            raise
-        metrics.run_finished(result.get("status") or ("succeeded" if result["exit_code"] == 0 else "failed"))
-        self.usage.record_later(usage_event(FINISHED, run, {
-            "duration_ms": result["duration_ms"], "exit_code": result["exit_code"], "image": result["image"]}))
-        return result
+            if not watch.published:
+                raise
+            return Answer.of_error(exc, run.run_id)
+        result = settle(result, self.settings.max_output_bytes)
+        metrics.run_finished(result["status"])
+        if result["status"] == ERROR:
+            # The platform failed, not the user's code: not billed as runtime.
+            self.usage.record_later(usage_event(FAILED, run, {"reason": ERROR, "exit_code": result["exit_code"]}))
+        else:
+            self.usage.record_later(usage_event(FINISHED, run, {
+                "duration_ms": result["duration_ms"], "exit_code": result["exit_code"], "image": result["image"],
+                "status": result["status"]}))
+        return Answer(200, run_answer_schema.dump(result))
+
+    def _cancelled(self, caller_gone):
+        def cancelled() -> Optional[str]:
+            if self.draining.is_set():
+                return "the provider is shutting down"
+            return caller_gone()
+
+        return cancelled
 
 
 def init_app(app, settings: Settings) -> Provider:
@@ -68,6 +164,8 @@ def init_app(app, settings: Settings) -> Provider:
     backend = create_backend(settings, bus)
     if bus is not None:
         bus.listen_for(*backend.reply_names, *usage.reply_names, *billing.reply_names)
-    provider = Provider(settings, TokenVerifier(settings.jwt_secret), backend, usage, billing, bus)
+    controls = RunControls(create_store(settings), max_runs_per_account=settings.max_runs_per_account,
+                           run_capacity=settings.run_capacity, idempotency_ttl=settings.idempotency_ttl)
+    provider = Provider(settings, TokenVerifier(settings.jwt_secret), backend, usage, billing, controls, bus)
     app.extensions["bus_containers"] = provider
     return provider

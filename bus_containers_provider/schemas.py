@@ -1,8 +1,18 @@
 """Every request and reply shape, declared once and instantiated once per shape."""
+import re
+
 from marshmallow import (
-    EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema,
+    EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates, validates_schema,
 )
 
+# CONTRACT §7: env and stdin limits; and a command cap (count and bytes) of our own.
+MAX_ENV_ENTRIES = 64
+MAX_ENV_BYTES = 32 * 1024
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_COMMAND_ITEMS = 1024
+MAX_COMMAND_BYTES = 128 * 1024
+# The outcomes a run result may carry (§7 "Outcome status").
+RUN_STATUSES = ("succeeded", "failed", "timed_out", "cancelled", "error")
 
 
 class Reply(Schema):
@@ -20,6 +30,16 @@ class OwnedReply(Reply):
         return _owner_from_identity(data)
 
 
+class EnvField(fields.Dict):
+    """An object of strings; its errors never name an entry, since names and values may be secrets."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in value.items()):
+            raise ValidationError("env must be an object of strings")
+        return dict(value)
+
+
 class RunRequestSchema(Schema):
     """Body of POST /runs: a profile and/or an image, and the command to run."""
 
@@ -28,9 +48,28 @@ class RunRequestSchema(Schema):
 
     profile = fields.String(validate=validate.Length(min=1, max=256))
     image = fields.String(validate=validate.Length(min=1, max=1024))
-    command = fields.List(fields.String())
-    args = fields.List(fields.String())
+    command = fields.List(fields.String(), validate=validate.Length(max=MAX_COMMAND_ITEMS))
+    args = fields.List(fields.String(), validate=validate.Length(max=MAX_COMMAND_ITEMS))
     timeout_seconds = fields.Integer(strict=True, validate=validate.Range(min=0))
+    # env and stdin go to the backend and nowhere else: no error message ever quotes them.
+    env = EnvField(keys=fields.String(), values=fields.String())
+    stdin = fields.String(error_messages={"invalid": "stdin must be a string"})
+
+    @validates("command", "args")
+    def _command_size(self, value, data_key, **kwargs):
+        if sum(len(item.encode("utf-8", "surrogatepass")) for item in value) > MAX_COMMAND_BYTES:
+            raise ValidationError(f"at most {MAX_COMMAND_BYTES} bytes in all")
+
+    @validates("env")
+    def _env_limits(self, value, **kwargs):
+        if len(value) > MAX_ENV_ENTRIES:
+            raise ValidationError(f"at most {MAX_ENV_ENTRIES} entries")
+        if not all(ENV_NAME.match(name) for name in value):
+            raise ValidationError("names must match [A-Za-z_][A-Za-z0-9_]*")
+        size = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+                   for k, v in value.items())
+        if size > MAX_ENV_BYTES:
+            raise ValidationError(f"at most {MAX_ENV_BYTES} bytes of names and values in all")
 
     @validates_schema
     def _needs_target(self, data, **kwargs):
@@ -64,6 +103,23 @@ class RunResultSchema(OwnedReply):
     stderr = fields.String(required=True)
     duration_ms = fields.Integer(strict=True, required=True, validate=validate.Range(min=0))
     runtime = fields.Nested(RuntimeSchema, required=True)
+    # Optional in a reply (an integration's own outcome is used only when it is one of ours);
+    # always present in an answer, set by results.settle().
+    status = fields.String()
+    timed_out = fields.Boolean(truthy={True}, falsy={False}, load_only=True)
+    stdout_truncated = fields.Boolean(truthy={True}, falsy={False}, load_default=False)
+    stderr_truncated = fields.Boolean(truthy={True}, falsy={False}, load_default=False)
+
+
+class RunAnswerSchema(RunResultSchema):
+    """A run result as answered to the caller: outcome and truncation flags always present (§7)."""
+
+    class Meta(RunResultSchema.Meta):
+        exclude = ("timed_out",)
+
+    status = fields.String(required=True, validate=validate.OneOf(RUN_STATUSES))
+    stdout_truncated = fields.Boolean(required=True)
+    stderr_truncated = fields.Boolean(required=True)
 
 
 class StatusItemSchema(OwnedReply):
@@ -155,6 +211,7 @@ def _owner_from_identity(data):
 
 run_request_schema = RunRequestSchema()
 run_result_schema = RunResultSchema()
+run_answer_schema = RunAnswerSchema()
 status_item_schema = StatusItemSchema()
 items_schema = ItemsSchema()
 delete_result_schema = DeleteResultSchema()

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import threading
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
@@ -12,6 +13,9 @@ from .errors import HTTP_TYPES
 from .metrics import exporter
 
 log = logging.getLogger("bus_containers_provider")
+
+# Beyond the shutdown grace, how long runs still waiting have to cancel themselves before gunicorn kills the worker.
+DRAIN_SECONDS = 5
 
 LOGGING = {
     "version": 1,
@@ -56,6 +60,18 @@ class JsonErrorWorker(ThreadWorker):
         util.write_error = write_json_error
         super().init_process()
 
+    def handle_exit(self, sig, frame):
+        # SIGTERM: in-flight runs may finish for the shutdown grace; then the ones
+        # still waiting are cancelled, in the DRAIN_SECONDS gunicorn allows beyond it.
+        super().handle_exit(sig, frame)
+        provider = getattr(self.wsgi, "extensions", {}).get("bus_containers")
+        if provider is not None and self._drain_timer is None:
+            self._drain_timer = threading.Timer(provider.settings.shutdown_grace, provider.drain)
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
+
+    _drain_timer = None
+
 
 def post_worker_init(worker):
     # Threads do not survive fork: each worker starts its own listeners here.
@@ -88,8 +104,8 @@ def gunicorn_options(settings) -> dict:
         "worker_class": f"{__name__}.JsonErrorWorker",
         # Room for an 8 KiB token in Authorization, so the app (not gunicorn) refuses larger ones.
         "limit_request_field_size": 16 * 1024,
-        # SIGTERM: stop accepting, let in-flight runs finish for this long, then exit.
-        "graceful_timeout": math.ceil(settings.shutdown_grace),
+        # SIGTERM: stop accepting, let in-flight runs finish for the grace, cancel the rest, then exit.
+        "graceful_timeout": math.ceil(settings.shutdown_grace) + DRAIN_SECONDS,
         "logconfig_dict": LOGGING,
         # gunicorn's runtime control socket: one fixed path per user, so several
         # instances clobber each other, and an admin interface we do not use.

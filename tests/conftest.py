@@ -67,10 +67,12 @@ def responder(events_server):
 
 
 def events_env(server, **extra) -> dict:
-    return env(BUS_CONTAINERS_BACKEND="events", BUS_EVENTS_API_URL=server.url, BUS_API_TOKEN=EVENTS_TOKEN,
-               BUS_EVENTS_LISTENER_RETRY="1", BUS_EVENTS_LISTENER_RETRY_MIN="50ms",
-               BUS_EVENTS_LISTENER_RETRY_MAX="500ms", BUS_EVENTS_LISTENER_DOWN_GRACE="1s",
-               BUS_CONTAINERS_REQUEST_TIMEOUT="3s", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="2s", **extra)
+    """The events backend against `server`, with short waits; `extra` overrides any of them."""
+    return env(**{"BUS_CONTAINERS_BACKEND": "events", "BUS_EVENTS_API_URL": server.url,
+                  "BUS_API_TOKEN": EVENTS_TOKEN, "BUS_EVENTS_LISTENER_RETRY": "1",
+                  "BUS_EVENTS_LISTENER_RETRY_MIN": "50ms", "BUS_EVENTS_LISTENER_RETRY_MAX": "500ms",
+                  "BUS_EVENTS_LISTENER_DOWN_GRACE": "1s", "BUS_CONTAINERS_REQUEST_TIMEOUT": "3s",
+                  "BUS_CONTAINERS_RUN_TIMEOUT_GRACE": "2s", **extra})
 
 
 def connected(app, timeout=5.0):
@@ -86,5 +88,14 @@ class AnsweringBus:
     def __init__(self, envelope):
         self.envelope = envelope
 
-    def request(self, name, payload, timeout):
+    def request(self, name, payload, timeout, **options):
         return self.envelope
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a free 127.0.0.1 port (tests/redisserver.py), removed after the test."""
+    from redisserver import RedisServer
+
+    with RedisServer() as server:
+        yield server

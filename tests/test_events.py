@@ -39,7 +39,8 @@ def test_run_is_delegated_and_answered(client, events_server):
     assert result["runner_name"] == "responder" and result["runtime"]["provider"] == "responder"
     [published] = events_server.published("bus.containers.run.request")
     assert published["payload"] == {"run_id": result["run_id"], "owner_account_id": "acct-a",
-                                    "image": "alpine", "command": ["echo", "hello"], "timeout_seconds": 20}
+                                    "image": "alpine", "command": ["echo", "hello"], "timeout_seconds": 20,
+                                        "max_output_bytes": 1048576}
     assert published["correlationId"]
 
 
@@ -205,7 +206,7 @@ def test_events_url_with_api_suffix_is_trimmed(events_server):
 
 @pytest.mark.parametrize("action", ["run", "delete"])
 def test_a_reply_about_another_run_is_502(action):
-    from bus_containers_provider.backends import RunRequest
+    from bus_containers_provider.backends import RunRequest, Watch
     from bus_containers_provider.backends.events import EventsBackend
     from bus_containers_provider.config import Settings
     from bus_containers_provider.errors import BadGateway
@@ -216,7 +217,8 @@ def test_a_reply_about_another_run_is_502(action):
     backend = EventsBackend(AnsweringBus({"payload": reply}), Settings(jwt_secret=b"x" * 32))
     with pytest.raises(BadGateway):
         if action == "run":
-            backend.run(RunRequest(run_id="run_mine", owner_account_id="acct-a", command=["true"], image="alpine"))
+            backend.run(RunRequest(run_id="run_mine", owner_account_id="acct-a", command=["true"], image="alpine"),
+                        Watch())
         else:
             backend.delete("acct-a", "run_mine")
 

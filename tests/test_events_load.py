@@ -28,7 +28,8 @@ def provider(events_server, responder):
     variables = {k: v for k, v in events_env(events_server).items() if k.startswith("BUS_EVENTS_LISTENER")}
     env = provider_env(BUS_API_TOKEN=EVENTS_TOKEN, BUS_CONTAINERS_RUN_TIMEOUT_GRACE="2s", **variables)
     with console_script("--backend", "events", "--events-url", events_server.url,
-                        "--workers", "2", "--threads", "32", env=env) as process:
+                        "--workers", "2", "--threads", "128", "--max-runs-per-account", "0",
+                        env=env) as process:
         wait_streams(events_server, per_name=2)
         yield process
 
@@ -84,7 +85,8 @@ class TestInProcess:
 
     @pytest.fixture
     def app_env(self, events_server):
-        return events_env(events_server)
+        # Room for all 50 at once: this load is about replies, not run controls.
+        return events_env(events_server, BUS_CONTAINERS_THREADS="64", BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT="0")
 
     def test_registry_is_empty_after_a_load_run(self, app, responder):
         client = connected(app).test_client()

@@ -126,11 +126,6 @@ def until_both_workers_served(provider, batch=20):
     raise AssertionError(f"one worker answered every run: {counts}")
 
 
-def run_input(markers):
-    # env and stdin (CONTRACT §7) join the body once the run request schema accepts them.
-    return {}
-
-
 # --- tests -------------------------------------------------------------------
 
 def test_counters_sum_over_both_workers_with_route_patterns():
@@ -227,7 +222,8 @@ def test_a_full_scrape_carries_no_account_run_id_token_env_or_stdin(events_serve
                "args": "args-marker-0e27"}
     caller = {"Authorization": f"Bearer {token(markers['account'])}", "Connection": "close"}
     with metrics_provider(env=events_process_env(events_server)) as provider:
-        body = {"image": "alpine", "command": ["echo", markers["args"]], "timeout_seconds": 5, **run_input(markers)}
+        run_input = {"env": {markers["env_name"]: markers["env"]}, "stdin": markers["stdin"]}
+        body = {"image": "alpine", "command": ["echo", markers["args"]], "timeout_seconds": 5, **run_input}
         first = requests.post(f"{provider.url}{RUNS}", json=body, timeout=30,
                               headers={**caller, "Idempotency-Key": markers["key"]})
         assert first.status_code == 200, first.text
@@ -236,7 +232,7 @@ def test_a_full_scrape_carries_no_account_run_id_token_env_or_stdin(events_serve
         requests.get(f"{provider.url}{RUNS}/{run_id}", headers=caller, timeout=10)
         requests.delete(f"{provider.url}{RUNS}/{run_id}", headers=caller, timeout=10)
         requests.get(f"{provider.url}/api/v1/{markers['account']}/{run_id}", headers=caller, timeout=10)
-        requests.post(f"{provider.url}{RUNS}", json={"profile": "never", "timeout_seconds": 1, **run_input(markers)},
+        requests.post(f"{provider.url}{RUNS}", json={"profile": "never", "timeout_seconds": 1, **run_input},
                       headers=caller, timeout=30)
         text = requests.get(f"{provider.metrics_url}/metrics", timeout=10).text
     assert "bus_containers_http_requests_total" in text and "bus_containers_runs_total" in text
@@ -343,6 +339,41 @@ stop(app)
     assert sample("QUEUED", 'bus_containers_usage_records_lost_total{reason="attempts"}') == 1
     assert sample("STOPPED", 'bus_containers_usage_records_lost_total{reason="shutdown"}') >= 2
     assert sample("STOPPED", "bus_containers_usage_records_pending") == 0
+
+
+def test_run_control_rejections_and_replays_are_counted(events_server, responder):
+    # One worker with room for two runs at once, and one run per account.
+    with metrics_provider("--workers", "1", "--threads", "4", "--max-runs-per-account", "1",
+                          env=events_process_env(events_server)) as provider:
+        held = {"profile": "sleep:3", "args": ["echo", "held"], "timeout_seconds": 10}
+        first_key = {"Idempotency-Key": "key-1"}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            first = pool.submit(fresh_post, provider.url, "acct-a", held, first_key)
+            events_server.wait_published("bus.containers.run.request", count=1, timeout=10)
+            over_limit = fresh_post(provider.url, "acct-a")
+            other = pool.submit(fresh_post, provider.url, "acct-b", held)
+            events_server.wait_published("bus.containers.run.request", count=2, timeout=10)
+            no_capacity = fresh_post(provider.url, "acct-c")
+            retry_in_flight = fresh_post(provider.url, "acct-a", held, first_key)
+            other_body = fresh_post(provider.url, "acct-a", {"profile": "codex"}, first_key)
+            during = scrape(provider.metrics_url)
+            answers = [first.result(timeout=30), other.result(timeout=30)]
+        replay = fresh_post(provider.url, "acct-a", held, first_key)
+        after = scrape(provider.metrics_url)
+
+    assert [a.status_code for a in answers] == [200, 200]
+    assert (over_limit.status_code, no_capacity.status_code) == (429, 503)
+    assert (retry_in_flight.status_code, other_body.status_code) == (409, 422)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    rejections = lambda samples, reason: value(samples, "bus_containers_run_rejections_total", reason=reason)
+    assert value(during, "bus_containers_runs_in_flight") == 2
+    for reason in ("too_many_runs", "capacity", "conflict", "idempotency_key_reused"):
+        assert rejections(during, reason) == 1, reason
+    assert value(during, "bus_containers_idempotent_replays_total") == 0
+    assert value(after, "bus_containers_idempotent_replays_total") == 1
+    # A replay is not a second run.
+    assert value(after, "bus_containers_runs_total", status="succeeded") == 2
+    assert value(after, "bus_containers_runs_in_flight") == 0
 
 
 def test_gunicorn_conf_serves_the_same_metrics():

@@ -2,7 +2,7 @@
 
 Every metric a dashboard panel or an alert queries must be one the provider
 exports; every query must be valid PromQL; the alert rules are checked and
-unit-tested with promtool (installed by tools/ensure-promtool.sh, which
+unit-tested with promtool (installed by tools/ensure-tools.sh, which
 `make test` runs).
 """
 import json
@@ -53,7 +53,7 @@ def alert_exprs() -> list:
 
 def promtool(*args) -> subprocess.CompletedProcess:
     binary = shutil.which("promtool")
-    assert binary, "promtool is not installed: run tools/ensure-promtool.sh (make test does)"
+    assert binary, "promtool is not installed: run tools/ensure-tools.sh promtool (make test does)"
     return subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
 
 

@@ -156,8 +156,9 @@ def test_component_shapes_follow_the_contract(document):
     components = document["components"]["schemas"]
     run_result = components["RunResult"]
     fields = {"run_id", "owner_account_id", "runner_name", "image", "args", "exit_code", "stdout", "stderr",
-              "duration_ms", "runtime"}
+              "duration_ms", "runtime", "status", "stdout_truncated", "stderr_truncated"}
     assert set(run_result["properties"]) == fields
+    assert run_result["properties"]["status"]["enum"] == ["succeeded", "failed", "timed_out", "cancelled", "error"]
     assert set(run_result["required"]) == fields
     assert resolve(document, run_result["properties"]["runtime"])["required"] == ["provider", "state"]
 
@@ -168,7 +169,7 @@ def test_component_shapes_follow_the_contract(document):
     assert set(body["required"]) == {"type", "message"}
 
     run_request = components["RunRequest"]
-    assert set(run_request["properties"]) == {"profile", "image", "command", "args", "timeout_seconds"}
+    assert set(run_request["properties"]) == {"profile", "image", "command", "args", "timeout_seconds", "env", "stdin"}
     assert run_request["additionalProperties"] is False
     assert run_request["properties"]["timeout_seconds"] == {"type": "integer", "minimum": 0, "maximum": 3600}
     assert "profile" in run_request["description"] and "image" in run_request["description"]
@@ -181,7 +182,8 @@ def test_shapes_are_generated_from_the_marshmallow_schemas(document):
         assert set(component["properties"]) == set(schema.fields), name
         required = {field.data_key or key for key, field in schema.fields.items() if field.required}
         assert set(component.get("required", ())) == required, name
-    assert openapi.COMPONENTS["RunResult"] is schemas.run_result_schema
+    # The documented answer is the schema the run flow dumps answers with.
+    assert openapi.COMPONENTS["RunResult"] is schemas.run_answer_schema
 
 
 @pytest.mark.parametrize("app_env", [env(BUS_CONTAINERS_MAX_RUN_TIMEOUT="10m")])

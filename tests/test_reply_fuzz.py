@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus_containers_provider.backends import RunRequest
+from bus_containers_provider.backends import RunRequest, Watch
 from bus_containers_provider.backends.events import EventsBackend
 from bus_containers_provider.billing import EventsBilling
 from bus_containers_provider.config import Settings
@@ -32,7 +32,7 @@ envelopes = st.builds(lambda payload, error: {"payload": payload, **({"error": e
 RUN = RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"], image="alpine")
 ACTIONS = {
     "status": lambda backend, billing, usage: backend.status("acct-a"),
-    "run": lambda backend, billing, usage: backend.run(RUN),
+    "run": lambda backend, billing, usage: backend.run(RUN, Watch()),
     "delete": lambda backend, billing, usage: backend.delete("acct-a", "run_1"),
     "runner_status": lambda backend, billing, usage: backend.runner_status(),
     "runner_start": lambda backend, billing, usage: backend.runner_start(),

@@ -33,6 +33,7 @@ def test_profile_run_answers_the_static_result(client):
         "run_id": result["run_id"], "owner_account_id": "acct-a", "runner_name": "static",
         "image": "profile:codex", "args": ["sh", "-c", "printf OK"], "exit_code": 0,
         "stdout": "", "stderr": "", "duration_ms": 0, "runtime": {"state": "ready", "provider": "static"},
+        "status": "succeeded", "stdout_truncated": False, "stderr_truncated": False,
     }
 
 

@@ -48,7 +48,7 @@ def test_order_is_billing_usage_run_usage(client, events_server, responder):
     assert finished["event_id"] == f"{result['run_id']}:container_run_finished"
     assert finished["account_id"] == "acct-a" and RFC3339_UTC.match(finished["occurred_at"])
     assert finished["data"] == {"run_id": result["run_id"], "image": "alpine", "duration_ms": result["duration_ms"],
-                                "exit_code": 0}
+                                "exit_code": 0, "status": "succeeded"}
 
 
 def test_failed_run_records_container_run_failed(client, events_server):

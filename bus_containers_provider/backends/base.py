@@ -1,6 +1,6 @@
 """The backend interface every container backend implements."""
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
 
 from ..errors import OwnerMismatch, RunNotFound
 
@@ -15,10 +15,38 @@ class RunRequest:
     profile: Optional[str] = None
     image: Optional[str] = None
     timeout_seconds: Optional[int] = None
+    # Passed to the backend and nowhere else: never in a repr, a log line or a record.
+    env: Optional[Dict[str, str]] = field(default=None, repr=False)
+    stdin: Optional[str] = field(default=None, repr=False)
 
     @property
     def image_label(self) -> str:
         return self.image or f"profile:{self.profile}"
+
+    @property
+    def body(self) -> dict:
+        """The validated request body, as the Idempotency-Key fingerprint sees it."""
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("run_id", "owner_account_id")}
+
+
+def _never() -> Optional[str]:
+    return None
+
+
+@dataclass
+class Watch:
+    """What the run flow learns while a backend carries a run out, and how it asks it to stop.
+
+    `published` turns true once the run was handed over (from then on the run
+    may execute, so its answer is remembered); `cancelled` returns a reason
+    once nobody waits for the result any more.
+    """
+
+    cancelled: Callable[[], Optional[str]] = _never
+    published: bool = False
+
+    def mark_published(self) -> None:
+        self.published = True
 
 
 class Backend:
@@ -30,7 +58,12 @@ class Backend:
         """Every status item the backend reports for `account` (unfiltered)."""
         raise NotImplementedError
 
-    def run(self, request: RunRequest) -> dict:
+    def run(self, request: RunRequest, watch: Watch) -> dict:
+        """The run's result (a run reply's fields); `watch.mark_published()` once it is handed over."""
+        raise NotImplementedError
+
+    def cancel(self, request: RunRequest) -> None:
+        """Ask for a run nobody waits for any more to be stopped; never waits for an answer."""
         raise NotImplementedError
 
     def delete(self, account: str, run_id: str) -> dict:

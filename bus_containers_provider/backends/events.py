@@ -7,7 +7,7 @@ from ..schemas import (
     delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
     runner_status_schema,
 )
-from .base import Backend, RunRequest, check_owner
+from .base import Backend, RunRequest, Watch, check_owner
 
 STATUS = "bus.containers.status.request"
 RUN = "bus.containers.run.request"
@@ -49,22 +49,26 @@ class EventsBackend(Backend):
         self._bus = bus
         self._settings = settings
 
-    def _ask(self, request_name, payload, schema, what, timeout=None):
-        envelope = self._bus.request(request_name, payload, timeout or self._settings.request_timeout)
+    def _ask(self, request_name, payload, schema, what, timeout=None, watch=None):
+        options = {"published": watch.mark_published, "cancelled": watch.cancelled} if watch else {}
+        envelope = self._bus.request(request_name, payload, timeout or self._settings.request_timeout, **options)
         return reply_payload(envelope, schema, what)
 
     def status_items(self, account):
         return self._ask(STATUS, {"owner_account_id": account}, items_schema, "status")["items"]
 
-    def run(self, request: RunRequest):
+    def run(self, request: RunRequest, watch: Watch):
         payload = {"run_id": request.run_id, "owner_account_id": request.owner_account_id,
-                   "command": list(request.command)}
-        for key in ("profile", "image", "timeout_seconds"):
+                   "command": list(request.command), "max_output_bytes": self._settings.max_output_bytes}
+        for key in ("profile", "image", "timeout_seconds", "env", "stdin"):
             if getattr(request, key) is not None:
                 payload[key] = getattr(request, key)
-        # 0 or absent means "the integration's limit", so wait for the longest run we accept.
-        wait = (request.timeout_seconds or self._settings.max_run_timeout) + self._settings.run_timeout_grace
-        return same_run(self._ask(RUN, payload, run_result_schema, "run", timeout=wait), request.run_id)
+        wait = self._settings.run_wait(request.timeout_seconds)
+        return same_run(self._ask(RUN, payload, run_result_schema, "run", timeout=wait, watch=watch),
+                        request.run_id)
+
+    def cancel(self, request: RunRequest):
+        self._bus.notify(DELETE, {"run_id": request.run_id, "owner_account_id": request.owner_account_id})
 
     def delete(self, account, run_id):
         result = self._ask(DELETE, {"run_id": run_id, "owner_account_id": account}, delete_result_schema, "delete")

@@ -3,7 +3,7 @@ import threading
 from collections import OrderedDict
 
 from ..errors import RunNotFound
-from .base import Backend, RunRequest
+from .base import Backend, RunRequest, Watch
 
 RUNTIME = {"state": "ready", "provider": "static"}
 # Local checks only, but a long-lived dev server must not grow without bound.
@@ -21,7 +21,8 @@ class StaticBackend(Backend):
             items = [dict(item) for item in self._runs.values()]
         return [{"id": "static", "state": "ready"}] + items
 
-    def run(self, request: RunRequest):
+    def run(self, request: RunRequest, watch: Watch):
+        watch.mark_published()
         result = {
             "run_id": request.run_id,
             "owner_account_id": request.owner_account_id,
@@ -45,6 +46,10 @@ class StaticBackend(Backend):
             while len(self._runs) > self._max_runs:
                 self._runs.popitem(last=False)
         return result
+
+    def cancel(self, request: RunRequest):
+        with self._lock:
+            self._runs.pop(request.run_id, None)
 
     def delete(self, account, run_id):
         with self._lock:

@@ -2,13 +2,15 @@
 import json
 import uuid
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
 
+from .. import metrics
 from ..auth import requires
 from ..backends import RunRequest
+from ..controls import caller_gone, parse_key
 from ..errors import BadRequest, UnsupportedMediaType
-from ..schemas import delete_result_schema, items_schema, run_request_schema, run_result_schema, status_item_schema
+from ..schemas import delete_result_schema, items_schema, run_request_schema, status_item_schema
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/containers")
 
@@ -48,7 +50,8 @@ def status():
 @bp.post("/runs")
 @requires("container:run")
 def create_run():
-    """Run one container in the foreground and answer with its result."""
+    """Run one container in the foreground and answer with its result (or, for a retried key, the first answer)."""
+    key = parse_key(request.headers.get("Idempotency-Key"))
     try:
         body = run_request_schema.load(_json_object())
     except ValidationError as exc:
@@ -59,7 +62,15 @@ def create_run():
         raise BadRequest(f"timeout_seconds must be at most {int(limit)}")
     run = RunRequest(run_id=f"run_{uuid.uuid4().hex}", owner_account_id=g.principal.account, **body)
     g.run_id = run.run_id  # for the request log line
-    return run_result_schema.dump(provider.run(run))
+    answer = provider.run(run, key, caller_gone(request.environ))
+    response = jsonify(answer.body)
+    response.status_code = answer.status
+    response.headers.update(answer.headers)
+    if answer.replayed:
+        metrics.replayed()
+        g.run_id = answer.body.get("run_id") or (answer.body.get("error", {}).get("details") or {}).get("run_id")
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @bp.get("/runs")

@@ -21,7 +21,11 @@ class Claim(NamedTuple):
 
 class StateStore(Protocol):
     def claim_key(self, scope: str, fingerprint: str, run_id: str, lease: float) -> Claim:
-        """Create an in-flight record for `scope` (new=True), or return the one that exists."""
+        """Create an in-flight record for `scope` (new=True), or return the one that exists.
+
+        A record already in flight for this very `run_id` also answers new=True: the call was
+        retried (a lost reply), and the run must not wait for itself.
+        """
 
     def read_key(self, scope: str) -> Optional[Claim]:
         """The record for `scope`, or None when there is none (never made, expired or dropped)."""
@@ -39,7 +43,10 @@ class StateStore(Protocol):
         """Give the slot back; releasing one that is not held does nothing."""
 
     def renew(self, slots: Iterable[Tuple[str, str]], keys: Iterable[Tuple[str, str]], lease: float) -> None:
-        """Extend the leases of held (account, run_id) slots and in-flight (scope, run_id) records."""
+        """Extend the leases of held (account, run_id) slots and in-flight (scope, run_id) records.
+
+        A lease that has already expired is not brought back: what it held may be someone else's now.
+        """
 
     def ping(self) -> None:
         """Return when the store answers; raise StateUnavailable when it does not."""

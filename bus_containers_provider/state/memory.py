@@ -33,6 +33,8 @@ class MemoryStore:
             self._sweep_keys(now)
             existing = self._live_key(scope, now)
             if existing is not None:
+                if existing.state == IN_FLIGHT and existing.run_id == run_id:
+                    return existing._replace(new=True)
                 return existing
             claim = Claim(IN_FLIGHT, fingerprint, run_id)
             self._keys[scope] = (claim, now + lease)
@@ -79,7 +81,8 @@ class MemoryStore:
             now = self._clock()
             for account, run_id in slots:
                 held = self._slots.get(account)
-                if held is not None and run_id in held:
+                # Only a live lease is extended: an expired one is gone, swept or not (as in Redis).
+                if held is not None and held.get(run_id, now) > now:
                     held[run_id] = now + lease
             for scope, run_id in keys:
                 existing = self._live_key(scope, now)

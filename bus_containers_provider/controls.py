@@ -1,0 +1,313 @@
+"""Run controls (CONTRACT §7): Idempotency-Key, account run slots, this worker's run capacity.
+
+What processes must agree on (keys, slots) lives in the state store; the
+run capacity is this worker's own, by design: it protects this worker's threads.
+"""
+import hashlib
+import json
+import logging
+import select
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from . import metrics
+from .errors import BadRequest, Conflict, IdempotencyKeyReused, TooManyRuns, Unavailable
+from .state.base import DONE
+
+log = logging.getLogger(__name__)
+
+# A lease outlives its holder by at most this (CONTRACT: a dead process frees its slots within 60 s).
+LEASE_SECONDS = 30.0
+RENEW_SECONDS = 10.0
+# Retry-After (seconds) for each refusal; runs last seconds to hours, so clients should not hammer.
+RETRY_SLOT = 5
+RETRY_CAPACITY = 2
+RETRY_CONFLICT = 5
+# A joined retry looks at the first run's record this often (backing off to the longest).
+JOIN_POLL = (0.05, 1.0)
+_PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def parse_key(value: Optional[str]) -> Optional[str]:
+    """The Idempotency-Key: 1-255 of `!`..`~`, a Structured Field string unquoted first; else 400."""
+    if value is None:
+        return None
+    key = value.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = _sf_string(key[1:-1])
+    if not 1 <= len(key) <= 255 or not set(key) <= _PRINTABLE:
+        raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+    return key
+
+
+def _sf_string(inner: str) -> str:
+    # RFC 8941 §3.3.3: only \" and \\ are escapes, and a bare " cannot appear.
+    out, chars = [], iter(inner)
+    for char in chars:
+        if char == "\\":
+            char = next(chars, "")
+            if char not in ('"', "\\"):
+                raise BadRequest("Idempotency-Key is not a valid Structured Field string")
+        elif char == '"':
+            raise BadRequest("Idempotency-Key is not a valid Structured Field string")
+        out.append(char)
+    return "".join(out)
+
+
+def fingerprint(body: dict) -> str:
+    """The validated body in canonical form (key order and white space do not matter), hashed."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def key_scope(account: str, key: str) -> str:
+    """Keys belong to the account; hashed, so neither appears in the store's key names."""
+    return hashlib.sha256(f"{account}\0{key}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def caller_gone(environ) -> Callable[[], Optional[str]]:
+    """A check for a caller whose connection closed (gunicorn puts the socket in the environ)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return never
+
+    def gone() -> Optional[str]:
+        return "the caller went away" if _closed(sock) else None
+
+    return gone
+
+
+def never() -> Optional[str]:
+    return None
+
+
+def _closed(sock) -> bool:
+    # Readable with nothing to read is EOF; readable with data is a pipelined request, not a close.
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        events = poller.poll(0)
+        if not events:
+            return False
+        if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return True
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+class Capacity:
+    """How many runs this worker holds at once; the rest of its threads stay free for everything else."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    @contextmanager
+    def hold(self, refusal: Optional[Exception] = None):
+        """A run's place for the duration of the block; `refusal` (default a 503) when none is free."""
+        with self._lock:
+            if self.in_use >= self.size:
+                metrics.rejected("capacity" if refusal is None else "conflict")
+                raise refusal or Unavailable("this worker's run capacity is taken; try again or another host",
+                                             retry_after=RETRY_CAPACITY)
+            self.in_use += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= 1
+
+
+@dataclass(frozen=True)
+class Key:
+    """One request's standing on its Idempotency-Key (no key: all fields empty)."""
+
+    scope: Optional[str] = None
+    new: bool = False  # this request holds the key and runs
+    answer: Optional[dict] = None  # the first request's remembered answer
+    holder: Optional[str] = None  # run id of the first request, still in flight
+
+
+@dataclass
+class _Held:
+    slots: set = field(default_factory=set)  # (account, run_id)
+    keys: set = field(default_factory=set)  # (scope, run_id)
+
+
+class RunControls:
+    """Keys, slots and capacity for one app; the store is shared, the capacity and leases are this process's."""
+
+    def __init__(self, store, *, max_runs_per_account: int, run_capacity: int, idempotency_ttl: float):
+        self.store = store
+        self.capacity = Capacity(run_capacity)
+        self._limit = max_runs_per_account
+        self._ttl = idempotency_ttl
+        self._held = _Held()
+        self._held_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = None
+
+    # -- Idempotency-Key ---------------------------------------------------
+
+    def claim(self, account: str, key: Optional[str], body_fingerprint: str, run_id: str) -> Key:
+        """This request's claim on `key`: new (it runs), the first answer, or the first still in flight.
+
+        The same key with a different body is a 422.
+        """
+        if key is None:
+            return Key()
+        scope = key_scope(account, key)
+        record = self.store.claim_key(scope, body_fingerprint, run_id, LEASE_SECONDS)
+        if record.fingerprint != body_fingerprint:
+            metrics.rejected("idempotency_key_reused")
+            raise IdempotencyKeyReused()
+        if record.new:
+            self._hold(keys=(scope, run_id))
+            return Key(scope, new=True)
+        if record.state == DONE:
+            return Key(scope, answer=record.answer)
+        return Key(scope, holder=record.run_id)
+
+    def join(self, key: Key, body_fingerprint: str, run_id: str, *, wait: float,
+             gone: Callable[[], Optional[str]]) -> Key:
+        """Wait for the first request's answer; 409 when `wait` runs out or the caller leaves first.
+
+        A record that disappears (the first answer was not to be remembered) is
+        claimed again, so the retry runs instead.
+        """
+        deadline = time.monotonic() + wait
+        delay = JOIN_POLL[0]
+        while key.holder is not None:
+            if gone() or time.monotonic() + delay > deadline:
+                metrics.rejected("conflict")
+                raise self.busy(key)
+            time.sleep(delay)
+            delay = min(delay * 2, JOIN_POLL[1])
+            record = self.store.read_key(key.scope)
+            if record is None:
+                return self._reclaim(key, body_fingerprint, run_id)
+            if record.state == DONE:
+                return Key(key.scope, answer=record.answer)
+        return key
+
+    def _reclaim(self, key: Key, body_fingerprint: str, run_id: str) -> Key:
+        record = self.store.claim_key(key.scope, body_fingerprint, run_id, LEASE_SECONDS)
+        if record.new:
+            self._hold(keys=(key.scope, run_id))
+            return Key(key.scope, new=True)
+        if record.fingerprint != body_fingerprint:
+            metrics.rejected("idempotency_key_reused")
+            raise IdempotencyKeyReused()
+        return Key(key.scope, answer=record.answer) if record.state == DONE else Key(key.scope, holder=record.run_id)
+
+    @staticmethod
+    def busy(key: Key) -> Conflict:
+        """The refusal for a retry that cannot wait for the first run of its key."""
+        return Conflict(details={"run_id": key.holder}, headers={"Retry-After": str(RETRY_CONFLICT)})
+
+    def remember(self, key: Key, run_id: str, answer: dict) -> None:
+        """Keep the answer of a delegated run for the key's lifetime."""
+        if not key.new:
+            return
+        self._release(keys=(key.scope, run_id))
+        try:
+            self.store.finish_key(key.scope, run_id, answer, self._ttl)
+        except Unavailable:
+            # The run happened: its caller still gets the answer; only a retry after the lease may run again.
+            log.warning("could not remember the answer of run %s under its Idempotency-Key", run_id)
+
+    def forget(self, key: Key, run_id: str) -> None:
+        """An answer given before delegation is not remembered: a retry tries again."""
+        if not key.new:
+            return
+        self._release(keys=(key.scope, run_id))
+        try:
+            self.store.drop_key(key.scope, run_id)
+        except Unavailable:
+            log.warning("could not drop an Idempotency-Key record for run %s; it expires with its lease", run_id)
+
+    # -- account run slots ---------------------------------------------------
+
+    @contextmanager
+    def slot(self, account: str, run_id: str):
+        """One of the account's run slots for the duration of the block; 429 when all are taken."""
+        if not self._limit:
+            yield
+            return
+        taken, in_flight = self.store.acquire_slot(account, run_id, self._limit, LEASE_SECONDS)
+        if not taken:
+            metrics.rejected("too_many_runs")
+            raise TooManyRuns(
+                f"the account already has {in_flight} runs in flight (limit {self._limit})",
+                details={"limit": self._limit, "in_flight": in_flight},
+                headers={"Retry-After": str(RETRY_SLOT)})
+        self._hold(slots=(account, run_id))
+        try:
+            yield
+        finally:
+            self._release(slots=(account, run_id))
+            try:
+                self.store.release_slot(account, run_id)
+            except Unavailable:
+                log.warning("could not release the slot of run %s; it frees itself with its lease", run_id)
+
+    # -- leases ------------------------------------------------------------
+
+    def _hold(self, slots=None, keys=None) -> None:
+        with self._held_lock:
+            if slots:
+                self._held.slots.add(slots)
+            if keys:
+                self._held.keys.add(keys)
+
+    def _release(self, slots=None, keys=None) -> None:
+        with self._held_lock:
+            self._held.slots.discard(slots)
+            self._held.keys.discard(keys)
+
+    def renew(self) -> None:
+        """Extend every lease this process holds (its runs are alive)."""
+        with self._held_lock:
+            slots, keys = list(self._held.slots), list(self._held.keys)
+        if slots or keys:
+            self.store.renew(slots, keys, LEASE_SECONDS)
+
+    def start(self) -> None:
+        """Start renewing leases; in a worker, after fork."""
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name="run-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self.store.close()
+
+    def _renew_loop(self) -> None:
+        while not self._stopping.wait(RENEW_SECONDS):
+            try:
+                self.renew()
+            except Unavailable as exc:
+                log.warning("could not renew run leases: %s", exc)
+            except Exception:  # a bug must not end the renewals silently
+                log.exception("renewing run leases failed")
+
+    def down(self) -> bool:
+        """True while the state store cannot be reached (readiness names `state`)."""
+        try:
+            self.store.ping()
+        except Unavailable:
+            return True
+        return False
