@@ -398,7 +398,7 @@ def test_the_listener_exits_when_the_master_is_killed():
     with metrics_provider() as provider:
         assert alive(provider.exporter_pid)
         os.kill(provider.pid, signal.SIGKILL)
-        wait_for(lambda: not alive(provider.exporter_pid), timeout=10, what="the listener to exit")
+        wait_for(lambda: not alive(provider.exporter_pid), timeout=20, what="the listener to exit")
     # No on_exit ran: the directory is left behind, as after any SIGKILL (PrivateTmp clears it under systemd).
     shutil.rmtree(provider.metrics_dir, ignore_errors=True)
 
