@@ -24,7 +24,7 @@ run: $(BIN)/.installed
 	BUS_CONTAINERS_JWT_SECRET='$(DEV_SECRET)' $(BIN)/bus-api-provider-containers --backend static --addr $(ADDR)
 
 test: $(BIN)/.installed
-	sh tools/ensure-tools.sh nginx redis-server
+	sh tools/ensure-tools.sh nginx redis-server promtool
 	$(BIN)/python -m pytest
 
 # Long fuzzing: the fuzz tests with FUZZ_SCALE times their examples and a fresh seed

@@ -21,11 +21,12 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
     app.url_map.strict_slashes = False
     app.json.sort_keys = False
 
-    from . import errors, logs, openapi, provider
+    from . import errors, logs, metrics, openapi, provider
     from .routes import health, runner, runs
 
     errors.init_app(app)
     logs.init_app(app)
+    metrics.init_app(app, settings)
     provider.init_app(app, settings)
     app.register_blueprint(runs.bp)
     app.register_blueprint(runner.bp)

@@ -1,6 +1,7 @@
 """Entitlement checks before a run: none, or bus.billing.entitlement.check over Events."""
 from marshmallow import ValidationError
 
+from . import metrics
 from .bus import envelope_error
 from .errors import BadGateway, BillingRequired
 from .schemas import billing_reply_schema
@@ -55,6 +56,7 @@ def denial(reply: dict) -> BillingRequired:
     quota = reply.get("quota")
     action = reply.get("action") or ("upgrade_plan" if reason == "quota_exceeded" or quota else "setup_billing")
     command = reply.get("command") or DEFAULT_COMMAND
+    metrics.billing_denied(action)
     if quota:
         message = ("the {meter} quota for {feature} is used up for this {window}: {used:g} of {limit:g}"
                    .format(**quota))

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from . import metrics
 from .errors import BadRequest, Conflict, IdempotencyKeyReused, TooManyRuns, Unavailable
 from .state.base import DONE
 
@@ -114,6 +115,7 @@ class Capacity:
         """A run's place for the duration of the block; `refusal` (default a 503) when none is free."""
         with self._lock:
             if self.in_use >= self.size:
+                metrics.rejected("capacity" if refusal is None else "conflict")
                 raise refusal or Unavailable("this worker's run capacity is taken; try again or another host",
                                              retry_after=RETRY_CAPACITY)
             self.in_use += 1
@@ -165,6 +167,7 @@ class RunControls:
         scope = key_scope(account, key)
         record = self.store.claim_key(scope, body_fingerprint, run_id, LEASE_SECONDS)
         if record.fingerprint != body_fingerprint:
+            metrics.rejected("idempotency_key_reused")
             raise IdempotencyKeyReused()
         if record.new:
             self._hold(keys=(scope, run_id))
@@ -184,6 +187,7 @@ class RunControls:
         delay = JOIN_POLL[0]
         while key.holder is not None:
             if gone() or time.monotonic() + delay > deadline:
+                metrics.rejected("conflict")
                 raise self.busy(key)
             time.sleep(delay)
             delay = min(delay * 2, JOIN_POLL[1])
@@ -200,6 +204,7 @@ class RunControls:
             self._hold(keys=(key.scope, run_id))
             return Key(key.scope, new=True)
         if record.fingerprint != body_fingerprint:
+            metrics.rejected("idempotency_key_reused")
             raise IdempotencyKeyReused()
         return Key(key.scope, answer=record.answer) if record.state == DONE else Key(key.scope, holder=record.run_id)
 
@@ -239,6 +244,7 @@ class RunControls:
             return
         taken, in_flight = self.store.acquire_slot(account, run_id, self._limit, LEASE_SECONDS)
         if not taken:
+            metrics.rejected("too_many_runs")
             raise TooManyRuns(
                 f"the account already has {in_flight} runs in flight (limit {self._limit})",
                 details={"limit": self._limit, "in_flight": in_flight},

@@ -3,6 +3,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from . import metrics
 from .auth import TokenVerifier
 from .backends import Backend, RunRequest, Watch, create_backend
 from .backends.base import check_owner
@@ -117,19 +118,23 @@ class Provider:
         self.usage.record(usage_event(REQUESTED, run, {
             key: getattr(run, key) for key in ("profile", "timeout_seconds") if getattr(run, key) is not None}))
         watch = Watch(cancelled=gone)
+        metrics.run_started()
         try:
             result = check_owner(self.backend.run(run, watch), run.owner_account_id)
-        except RunCancelled:
+        except RunCancelled as exc:
+            metrics.run_failed(exc)
             # Nobody will read this run's result: stop it, and bill nobody for it.
             self.backend.cancel(run)
             self.usage.record_later(usage_event(FAILED, run, {"reason": CANCELLED}))
             raise
         except Exception as exc:
+            metrics.run_failed(exc)
             self.usage.record_later(usage_event(FAILED, run, {"reason": as_provider_error(exc).type}))
             if not watch.published:
                 raise
             return Answer.of_error(exc, run.run_id)
         result = settle(result, self.settings.max_output_bytes)
+        metrics.run_finished(result["status"])
         if result["status"] == ERROR:
             # The platform failed, not the user's code: not billed as runtime.
             self.usage.record_later(usage_event(FAILED, run, {"reason": ERROR, "exit_code": result["exit_code"]}))

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from gunicorn.app.base import BaseApplication
 
 from . import create_app, start, stop
+from .metrics import exporter
 from .worker import ProviderWorker
 
 log = logging.getLogger("bus_containers_provider")
@@ -66,6 +67,7 @@ def gunicorn_options(settings) -> dict:
     """gunicorn settings that follow from the provider's Settings."""
 
     def on_starting(server):
+        exporter.on_starting(server, settings.metrics_addr)
         log.info("configuration: %s", settings.redacted())
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "
@@ -93,6 +95,10 @@ def gunicorn_options(settings) -> dict:
         "on_starting": on_starting,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        # The /metrics listener and the workers' metric files (no-ops without --metrics-addr).
+        "when_ready": exporter.when_ready,
+        "child_exit": exporter.child_exit,
+        "on_exit": exporter.on_exit,
     }
 
 

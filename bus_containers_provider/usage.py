@@ -6,6 +6,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from . import metrics
 from .bus import envelope_error
 from .bus.client import EventsError
 from .errors import ProviderError, StateUnavailable, Unavailable
@@ -148,10 +149,12 @@ class EventsUsage(NoUsage):
         with self._wake:
             if len(self._due) >= self.BACKLOG:
                 log.error("usage %s for run %s dropped: the backlog is full", event["event_type"], _run(event))
+                metrics.usage_lost("backlog_full")
                 return
             if self._flush_by is not None:
                 delay = min(delay, self.FLUSH_RETRY_DELAY)
             heapq.heappush(self._due, (time.monotonic() + delay, next(self._sequence), attempt, event))
+            metrics.usage_pending(len(self._due) + len(self._sending))
             self._wake.notify()
 
     def start(self) -> None:
@@ -185,6 +188,8 @@ class EventsUsage(NoUsage):
             left = [event for *_, event in self._due] + list(self._sending.values())
             self._due.clear()
             kept = self._kept
+        metrics.usage_lost("shutdown", sum(event["event_id"] not in kept for event in left))
+        metrics.usage_pending(0)
         for event in left:
             if event["event_id"] in kept:
                 log.warning("usage %s for run %s left in the shared outbox for another process",
@@ -227,6 +232,7 @@ class EventsUsage(NoUsage):
             with self._wake:
                 self._sending.pop(event["event_id"], None)
                 kept = event["event_id"] in self._kept
+                metrics.usage_pending(len(self._due) + len(self._sending))
             if error is None:
                 self._confirmed(event)
                 continue
@@ -239,6 +245,7 @@ class EventsUsage(NoUsage):
             elif attempt >= self.ATTEMPTS:
                 log.error("usage %s for run %s lost after %d attempts (%s)",
                           event["event_type"], _run(event), attempt, error)
+                metrics.usage_lost("attempts")
             else:
                 log.warning("usage %s for run %s not recorded (%s); retrying", event["event_type"], _run(event), error)
                 self._schedule(event, attempt + 1, self._retry_delay * 2 ** (attempt - 1))

@@ -2,8 +2,9 @@
 # Make sure the server binaries the tests run are installed:
 #   nginx         for tests/test_deploy.py
 #   redis-server  for tests/test_state.py (tests/redisserver.py) and the --state-url tests
+#   promtool      for tests/test_metrics_deploy.py (the alert rules); Debian's prometheus package ships it
 #
-# Usage: tools/ensure-tools.sh [nginx] [redis-server]   (no argument: both)
+# Usage: tools/ensure-tools.sh [nginx] [redis-server] [promtool]   (no argument: all)
 #
 # Idempotent: does nothing for a binary that is already there. Otherwise
 # installs it from the Debian archive WITHOUT starting or enabling the
@@ -42,8 +43,17 @@ configure() {
             PIDFILES="/run/redis/redis-server.pid /var/run/redis/redis-server.pid"
             STOP_SIGNAL=TERM
             ;;
+        promtool)
+            BINARY=promtool
+            PATHS="/usr/bin/promtool /usr/local/bin/promtool"
+            PACKAGES="prometheus"
+            VERSION_FLAG=--version
+            SERVICE=prometheus
+            PIDFILES=""
+            STOP_SIGNAL=TERM
+            ;;
         *)
-            say "unknown tool '$1' (known: nginx, redis-server)"
+            say "unknown tool '$1' (known: nginx, redis-server, promtool)"
             return 1
             ;;
     esac
@@ -64,7 +74,7 @@ describe() {
     echo "$1 ($("$1" "$VERSION_FLAG" 2>&1 | head -n 1))"
 }
 
-[ "$#" -gt 0 ] || set -- nginx redis-server
+[ "$#" -gt 0 ] || set -- nginx redis-server promtool
 
 missing=
 for tool in "$@"; do

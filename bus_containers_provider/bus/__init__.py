@@ -3,6 +3,7 @@ import logging
 import uuid
 from typing import Callable, Dict, Optional, Tuple
 
+from .. import metrics
 from ..logs import backend_timer
 from .client import EventsClient, EventsError, EventsRejected, ListenerDown
 from .listener import Listener
@@ -79,7 +80,7 @@ class Bus:
         `cancelled` is asked while waiting, and a reason it returns ends the
         wait with RunCancelled.
         """
-        with backend_timer():
+        with backend_timer(), metrics.reply_timer(reply_name_for(request_name)):
             return self._request(request_name, payload, timeout, published, cancelled)
 
     def notify(self, request_name: str, payload: dict) -> None:

@@ -5,6 +5,7 @@ import time
 
 import requests
 
+from .. import metrics
 from .client import EventsClient, EventsError, EventsRejected, envelopes
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Listener(threading.Thread):
         return self._connected.wait(timeout)
 
     def start(self) -> None:
+        metrics.listener_state(self.reply_name, False)
         self._went_down("not connected yet")
         super().start()
 
@@ -126,6 +128,7 @@ class Listener(threading.Thread):
                         self._readers.remove(current)
                         current = None
                         self._went_down(reason or "stream ended")
+                        metrics.listener_reconnected(self.reply_name)
                         if lived >= self._retry_min:
                             delay = self._retry_min  # a stream that lived: reopen it at once
                             continue
@@ -140,6 +143,7 @@ class Listener(threading.Thread):
                         if current is None and not self._retry:
                             self._stay_down(reason)
                             return
+                        metrics.listener_reconnected(self.reply_name)
                         self._stopping.wait(delay)
                         delay = min(delay * 2, self._retry_max)
                         continue
@@ -215,6 +219,7 @@ class Listener(threading.Thread):
             self._cancel_grace()
             self._registry.mark_up(self.reply_name)
             self._connected.set()
+        metrics.listener_state(self.reply_name, True)
         if replacing:
             log.debug("replaced the idle %s stream", self.reply_name)
         else:
@@ -224,6 +229,7 @@ class Listener(threading.Thread):
         with self._state_lock:
             self._connected.clear()
             self._cancel_grace()
+            metrics.listener_state(self.reply_name, False)
             if self._stopping.is_set():
                 return
             self._grace_timer = threading.Timer(self._down_grace, self._grace_over, args=(reason,))

@@ -5,6 +5,7 @@ import uuid
 from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
 
+from .. import metrics
 from ..auth import requires
 from ..backends import RunRequest
 from ..controls import caller_gone, parse_key
@@ -66,6 +67,7 @@ def create_run():
     response.status_code = answer.status
     response.headers.update(answer.headers)
     if answer.replayed:
+        metrics.replayed()
         g.run_id = answer.body.get("run_id") or (answer.body.get("error", {}).get("details") or {}).get("run_id")
         response.headers["Idempotent-Replayed"] = "true"
     return response

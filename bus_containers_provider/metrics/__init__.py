@@ -1,0 +1,169 @@
+"""Prometheus metrics (CONTRACT §8): the calls the rest of the code makes, and the per-request series.
+
+Each call is a cheap no-op until `init_app` has switched metrics on in this
+process, so instrumented code never checks a setting. The series themselves
+live in `series` (imported only once on, after the gunicorn master has set
+PROMETHEUS_MULTIPROC_DIR); the /metrics listener lives in `exporter`.
+"""
+import functools
+import logging
+import os
+import re
+import time
+from contextlib import contextmanager
+
+from flask import g, request
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+# Label values come from these fixed sets; anything else is counted under the fallback.
+RUN_STATUSES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "error"})
+REJECTIONS = frozenset({"too_many_runs", "conflict", "idempotency_key_reused", "capacity"})
+BILLING_ACTIONS = frozenset({"setup_billing", "upgrade_plan"})
+USAGE_LOSSES = frozenset({"attempts", "backlog_full", "shutdown"})
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"  # the route label of a request no route matched: never the raw path
+
+_CONVERTER = re.compile(r"<(?:[^<>:]+:)?([^<>]+)>")
+
+# prometheus_client keeps its series per process, not per app; so does this
+# switch: the series module once on in this process, None while off.
+_series = None
+
+
+def enabled() -> bool:
+    return _series is not None
+
+
+def init_app(app, settings) -> None:
+    """With --metrics-addr, count every request of `app` and switch the calls below on."""
+    global _series
+    if settings.metrics_addr is None:
+        return
+    if not os.environ.get(MULTIPROC_DIR):
+        # Only the provider's gunicorn hooks create the directory and the listener that reads it.
+        log.warning("--metrics-addr is set but this process was not started by the provider's gunicorn "
+                    "configuration; no metrics are recorded")
+        return
+    from . import series
+
+    _series = series
+    app.before_request(_begin)
+    app.after_request(_finish)
+
+
+@functools.lru_cache(maxsize=256)
+def route_label(rule: str) -> str:
+    """Flask's `/runs/<run_id>` as the contract writes it, `/runs/{run_id}`."""
+    return _CONVERTER.sub(r"{\1}", rule)
+
+
+def _begin():
+    g.metrics_started = time.perf_counter()
+
+
+def _finish(response):
+    s = _series
+    if s is not None:
+        route = route_label(request.url_rule.rule) if request.url_rule is not None else UNMATCHED
+        method = request.method if request.method in METHODS else "other"
+        elapsed = time.perf_counter() - g.get("metrics_started", time.perf_counter())
+        s.HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
+        s.HTTP_DURATION.labels(route, method).observe(elapsed)
+    return response
+
+
+def _pick(value, allowed, fallback: str) -> str:
+    return value if value in allowed else fallback
+
+
+# --- runs and their controls (CONTRACT §7) ------------------------------------
+
+def run_started() -> None:
+    """A run was admitted and is about to be delegated."""
+    if (s := _series) is not None:
+        s.RUNS_IN_FLIGHT.inc()
+
+
+def run_finished(status) -> None:
+    """A run started with run_started() has its answer; `status` is its §7 outcome."""
+    if (s := _series) is not None:
+        s.RUNS_IN_FLIGHT.dec()
+        s.RUNS.labels(_pick(status, RUN_STATUSES, "error")).inc()
+
+
+def run_failed(exc: BaseException) -> None:
+    """run_finished for a run that ended in an exception: cancelled when its caller left, else error."""
+    if _series is not None:
+        from ..errors import RunCancelled
+
+        run_finished("cancelled" if isinstance(exc, RunCancelled) else "error")
+
+
+def rejected(kind: str) -> None:
+    """A run refused by the controls: too_many_runs, conflict, idempotency_key_reused or capacity."""
+    if (s := _series) is not None:
+        s.RUN_REJECTIONS.labels(_pick(kind, REJECTIONS, "other")).inc()
+
+
+def replayed() -> None:
+    """A run answered again from its Idempotency-Key record."""
+    if (s := _series) is not None:
+        s.IDEMPOTENT_REPLAYS.inc()
+
+
+# --- the Events API -----------------------------------------------------------
+
+@contextmanager
+def reply_timer(event: str):
+    """Times one request/reply round trip on `event` (the reply name); a reply timeout is counted apart."""
+    s = _series
+    if s is None:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        from ..bus.client import ReplyTimeout
+
+        if isinstance(exc, ReplyTimeout):
+            s.EVENTS_REPLY_TIMEOUTS.labels(event).inc()
+        raise
+    s.EVENTS_REPLY.labels(event).observe(time.perf_counter() - started)
+
+
+def reply_seconds(event: str, seconds: float) -> None:
+    if (s := _series) is not None:
+        s.EVENTS_REPLY.labels(event).observe(seconds)
+
+
+def listener_state(event: str, connected: bool) -> None:
+    if (s := _series) is not None:
+        s.LISTENER_CONNECTED.labels(event).set(1 if connected else 0)
+
+
+def listener_reconnected(event: str) -> None:
+    """The reply stream for `event` failed and its listener tries again."""
+    if (s := _series) is not None:
+        s.LISTENER_RECONNECTS.labels(event).inc()
+
+
+# --- usage and billing --------------------------------------------------------
+
+def usage_pending(count: int) -> None:
+    """This worker's usage records waiting to be sent."""
+    if (s := _series) is not None:
+        s.USAGE_PENDING.set(count)
+
+
+def usage_lost(reason: str = "attempts", count: int = 1) -> None:
+    if (s := _series) is not None and count:
+        s.USAGE_LOST.labels(_pick(reason, USAGE_LOSSES, "attempts")).inc(count)
+
+
+def billing_denied(action) -> None:
+    """A run refused with 402; `action` is the guidance it carried (setup_billing, upgrade_plan)."""
+    if (s := _series) is not None:
+        s.BILLING_DENIALS.labels(_pick(action, BILLING_ACTIONS, "other")).inc()
