@@ -5,6 +5,15 @@ from marshmallow import (
 
 
 
+class StrictBoolean(fields.Boolean):
+    """JSON true or false, nothing else: truthy={True} alone lets 1 through, since 1 == True."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class Reply(Schema):
     """What integrations send: fields we do not know are ignored, not refused."""
 
@@ -80,7 +89,7 @@ class ItemsSchema(Reply):
 
 
 class DeleteResultSchema(OwnedReply):
-    deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    deleted = StrictBoolean(required=True)
     run_id = fields.String(required=True)
     owner_account_id = fields.String(required=True)
 
@@ -96,12 +105,12 @@ class RunnerStatusSchema(Reply):
 
 
 class RunnerStartSchema(Reply):
-    accepted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    accepted = StrictBoolean(required=True)
     action = fields.String(load_default="start")
 
 
 class RunnerDeleteSchema(Reply):
-    deleted = fields.Boolean(required=True, truthy={True}, falsy={False})
+    deleted = StrictBoolean(required=True)
 
 
 class QuotaSchema(Reply):
@@ -115,7 +124,7 @@ class QuotaSchema(Reply):
 class BillingReplySchema(Reply):
     """bus.billing.entitlement.check.response payload."""
 
-    allowed = fields.Boolean(required=True, truthy={True}, falsy={False})
+    allowed = StrictBoolean(required=True)
     reason = fields.String()
     action = fields.String()
     command = fields.String()
