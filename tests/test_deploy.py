@@ -31,6 +31,9 @@ from bus_containers_provider.serving import gunicorn_options
 from conftest import SECRET, bearer, events_env
 from processes import ROOT, SCRIPT, console_script, free_port, provider_env
 
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(60)
+
 NGINX_CONF = ROOT / "deploy" / "nginx" / "bus-containers.conf"
 UNIT = ROOT / "deploy" / "systemd" / "bus-api-provider-containers.service"
 ENV_EXAMPLE = ROOT / "deploy" / "systemd" / "bus-api-provider-containers.env.example"

@@ -5,6 +5,9 @@ import pytest
 
 from conftest import INTERNAL, AnsweringBus, bearer, connected, events_env
 
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(30)
+
 RUNS = "/api/v1/containers/runs"
 STATUS = "/api/v1/containers/status"
 RUNNER = "/api/internal/containers/runner"
@@ -271,3 +274,76 @@ def test_a_refused_provider_token_is_logged_with_the_event_name_never_the_token(
     finally:
         stop(app)
     assert "wrong-token-value" not in caplog.text
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("action", ["run", "status", "runner"])
+def test_a_reply_faster_than_the_publish_answer_is_not_lost(client, app, events_server, monkeypatch, action):
+    """§5: the waiter is registered before publishing, so a reply that arrives first still finds it.
+
+    The publisher is held, after the Events API accepted the request, until the
+    listener has read the reply off the stream: the reply is then certain to
+    come first, with no timing involved.
+    """
+    import threading
+
+    bus = app.extensions["bus_containers"].bus
+    read, handed = {}, []
+    real_resolve, real_publish = bus.registry.resolve, bus.client.publish
+
+    def resolve(reply_name, envelope):
+        handed.append(real_resolve(reply_name, envelope))
+        read.setdefault(envelope.get("correlationId"), threading.Event()).set()
+        return handed[-1]
+
+    def publish(name, correlation_id, payload):
+        real_publish(name, correlation_id, payload)
+        assert read.setdefault(correlation_id, threading.Event()).wait(5), "no reply was read"
+
+    monkeypatch.setattr(bus.registry, "resolve", resolve)
+    monkeypatch.setattr(bus.client, "publish", publish)
+    if action == "run":
+        response = run(client, timeout_seconds=1)
+    elif action == "status":
+        response = client.get(STATUS, headers=bearer())
+    else:
+        response = client.get(RUNNER, headers=bearer("operator", "container:admin", INTERNAL))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert handed == [True]
+
+
+def test_listener_retry_backs_off_exponentially_up_to_the_maximum(events_server):
+    """§1: BUS_EVENTS_LISTENER_RETRY_MIN doubles up to _MAX while the stream cannot be opened.
+
+    The listener's pause between attempts is recorded instead of slept, so the
+    sequence is exact and the test takes no time.
+    """
+    import threading
+
+    from bus_containers_provider.bus.client import EventsClient
+    from bus_containers_provider.bus.listener import Listener
+    from bus_containers_provider.bus.replies import ReplyRegistry
+
+    class RecordedPauses(threading.Event):
+        def __init__(self, stop_after):
+            super().__init__()
+            self.pauses, self._stop_after = [], stop_after
+
+        def wait(self, timeout=None):
+            self.pauses.append(timeout)
+            if len(self.pauses) >= self._stop_after:
+                self.set()
+            return self.is_set()
+
+    events_server.fail_streams(503)
+    client = EventsClient(events_server.url, "provider-events-token")
+    listener = Listener(client, "bus.containers.run.response", ReplyRegistry(), retry=True, retry_min=0.05,
+                        retry_max=0.4, down_grace=1, idle_timeout=5)
+    listener._stopping = RecordedPauses(stop_after=7)
+    listener.start()
+    listener.join(10)
+    listener.stop()
+    client.close()
+    assert not listener.is_alive()
+    assert listener._stopping.pauses[:7] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4, 0.4]
+    assert events_server.streams_opened("bus.containers.run.response") == 0

@@ -4,7 +4,10 @@ import time
 
 import pytest
 
-from conftest import AnsweringBus, bearer, connected, env, events_env
+from conftest import AnsweringBus, assert_error, bearer, connected, env, events_env
+
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(30)
 
 RUNS = "/api/v1/containers/runs"
 BILLING = "bus.billing.entitlement.check.request"
@@ -153,12 +156,18 @@ class TestReadinessWaitsForUsageAndBilling:
         assert client.get("/readyz").status_code == 200
         events_server.fail_streams(503)
         events_server.drop_streams()
-        deadline = time.monotonic() + 5
-        while (response := client.get("/readyz")).status_code == 200:
-            assert time.monotonic() < deadline
+        # Each listener notices its dropped stream on its own; wait (bounded) until both have.
+        names = ("bus.usage.record.response", "bus.billing.entitlement.check.response")
+        deadline = time.monotonic() + 10
+        while not all(name in (message := client.get("/readyz").get_data(as_text=True)) for name in names):
+            assert time.monotonic() < deadline, message
             time.sleep(0.02)
-        message = response.get_json()["error"]["message"]
-        assert "bus.usage.record.response" in message and "bus.billing.entitlement.check.response" in message
+        response = client.get("/readyz")
+        assert_error(response, 503, "unavailable")
+        assert all(name in response.get_json()["error"]["message"] for name in names)
+        events_server.reset_faults()
+        connected(app)
+        assert client.get("/readyz").get_json() == {"ok": True}
 
 
 class TestMemoryUsage:
