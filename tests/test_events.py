@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from conftest import INTERNAL, AnsweringBus, bearer, connected, events_env
+from conftest import INTERNAL, AnsweringBus, assert_error, bearer, connected, events_env
 
 # Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
 pytestmark = pytest.mark.timeout(30)
@@ -74,7 +74,7 @@ def test_no_reply_is_503_after_the_run_wait(client, app):
     started = time.monotonic()
     response = run(client, profile="never", timeout_seconds=1)
     elapsed = time.monotonic() - started
-    assert response.status_code == 503 and error_type(response) == "unavailable"
+    assert_error(response, 503, "unavailable")
     assert 2.5 <= elapsed < 10  # timeout_seconds (1) + grace (2), bounded
     assert app.extensions["bus_containers"].bus.registry.pending() == 0
 
@@ -88,8 +88,8 @@ def test_status_is_filtered_to_the_caller(client):
     assert mine in ids and theirs not in ids and "run_other" not in ids
     assert [i["id"] for i in client.get(RUNS, headers=bearer()).get_json()["items"]] == [mine]
     assert client.get(f"{RUNS}/{mine}", headers=bearer()).status_code == 200
-    assert client.get(f"{RUNS}/{mine}", headers=bearer("acct-b")).status_code == 404
-    assert client.get(f"{RUNS}/run_other", headers=bearer()).status_code == 404
+    assert_error(client.get(f"{RUNS}/{mine}", headers=bearer("acct-b")), 404, "not_found")
+    assert_error(client.get(f"{RUNS}/run_other", headers=bearer()), 404, "not_found")
 
 
 def test_delete_own_foreign_and_unknown(client):
@@ -123,7 +123,7 @@ def test_events_api_down_is_503_quickly(client, events_server, app):
     events_server.fail_publish(503)
     started = time.monotonic()
     response = run(client)
-    assert response.status_code == 503 and error_type(response) == "unavailable"
+    assert_error(response, 503, "unavailable")
     assert time.monotonic() - started < 3
     assert app.extensions["bus_containers"].bus.registry.pending() == 0
 
@@ -132,7 +132,7 @@ def test_events_api_down_is_503_quickly(client, events_server, app):
                                              (403, 503), (408, 503), (429, 503), (500, 503)])
 def test_publish_refusals_map_to_502_or_503(client, events_server, status, expected):
     events_server.fail_publish(status)
-    assert client.get(STATUS, headers=bearer()).status_code == expected
+    assert_error(client.get(STATUS, headers=bearer()), expected, {502: "bad_gateway", 503: "unavailable"}[expected])
 
 
 def test_dropped_stream_reconnects_and_serves_again(client, events_server):
@@ -152,7 +152,7 @@ def test_waiters_fail_fast_when_the_stream_stays_down(app, events_server, respon
     events_server.drop_streams()
     started = time.monotonic()
     response = run(client, profile="never", timeout_seconds=60)
-    assert response.status_code == 503
+    assert_error(response, 503, "unavailable")
     assert time.monotonic() - started < 5  # the down grace (1s), not the 62 s run wait
     events_server.reset_faults()
     connected(app)
@@ -174,7 +174,7 @@ class TestReadiness:
         while (response := client.get("/readyz")).status_code == 200:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert response.status_code == 503 and error_type(response) == "unavailable"
+        assert_error(response, 503, "unavailable")
         assert "bus.containers.delete.response" in response.get_json()["error"]["message"]
         assert "bus.containers.run.response" not in response.get_json()["error"]["message"]
         events_server.reset_faults()
@@ -195,8 +195,8 @@ class TestWithoutRetry:
         events_server.reset_faults()
         time.sleep(0.5)
         response = app.test_client().get("/readyz")
-        assert response.status_code == 503
-        assert app.test_client().get(STATUS, headers=bearer()).status_code == 503
+        assert_error(response, 503, "unavailable")
+        assert_error(app.test_client().get(STATUS, headers=bearer()), 503, "unavailable")
 
 
 def test_events_url_with_api_suffix_is_trimmed(events_server):
@@ -269,8 +269,8 @@ def test_a_refused_provider_token_is_logged_with_the_event_name_never_the_token(
         while "refused the provider's token for bus.containers.run.response" not in caplog.text:
             assert time.monotonic() < deadline, caplog.text
             time.sleep(0.05)
-        assert app.test_client().get("/readyz").status_code == 503
-        assert app.test_client().get(STATUS, headers=bearer()).status_code == 503
+        assert_error(app.test_client().get("/readyz"), 503, "unavailable")
+        assert_error(app.test_client().get(STATUS, headers=bearer()), 503, "unavailable")
     finally:
         stop(app)
     assert "wrong-token-value" not in caplog.text

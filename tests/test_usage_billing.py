@@ -55,7 +55,7 @@ def test_order_is_billing_usage_run_usage(client, events_server, responder):
 
 
 def test_failed_run_records_container_run_failed(client, events_server):
-    assert run(client, profile="error").status_code == 502
+    assert_error(run(client, profile="error"), 502, "bad_gateway")
     events_server.wait_published(USAGE, count=2)
     failed = events_server.published(USAGE)[-1]["payload"]
     assert failed["event_type"] == "container_run_failed" and failed["data"]["reason"] == "bad_gateway"
@@ -72,10 +72,8 @@ def test_failed_run_records_container_run_failed(client, events_server):
 ])
 def test_billing_denial_is_402_and_nothing_runs(client, events_server, responder, reply, action, command):
     responder.billing["acct-a"] = reply
-    response = run(client)
-    assert response.status_code == 402
-    error = response.get_json()["error"]
-    assert error["type"] == "billing_required" and error["action"] == action and error["command"] == command
+    error = assert_error(run(client), 402, "billing_required")
+    assert error["action"] == action and error["command"] == command
     assert "bus billing" in error["message"]
     if "quota" in reply:
         assert error["details"]["quota"]["meter"] == "bus_container_runtime_seconds"
@@ -88,22 +86,21 @@ def test_billing_denial_is_402_and_nothing_runs(client, events_server, responder
 def test_billing_integration_error_is_502_and_nothing_runs(client, events_server, responder):
     responder.billing["acct-a"] = "error"
     response = run(client)
-    assert response.status_code == 502 and response.get_json()["error"]["type"] == "bad_gateway"
+    assert_error(response, 502, "bad_gateway")
     assert trail(events_server) == [(BILLING, None)]
 
 
 def test_billing_silence_is_503_and_nothing_runs(client, events_server, responder):
     responder.billing["acct-a"] = "never"
     response = run(client)
-    assert response.status_code == 503 and response.get_json()["error"]["type"] == "unavailable"
+    assert_error(response, 503, "unavailable")
     assert trail(events_server) == [(BILLING, None)]
 
 
 @pytest.mark.parametrize("mode", ["never", "error"])
 def test_usage_requested_not_recorded_is_503_and_nothing_runs(client, events_server, responder, mode):
     responder.usage_mode = mode
-    response = run(client)
-    assert response.status_code == 503
+    assert_error(run(client), 503, "unavailable")
     assert trail(events_server) == [(BILLING, None), (USAGE, "container_run_requested")]
 
 
@@ -188,12 +185,18 @@ class TestMemoryUsage:
         assert len(usage.records) == 2
 
 
-def test_none_usage_publishes_nothing(events_server):
-    from bus_containers_provider import create_app
+class TestNoUsage:
+    """--usage-backend none beside an events backend: the run goes over Events, no usage record does."""
 
-    app = create_app(env())
-    assert app.test_client().post(RUNS, headers=bearer(), json={"profile": "codex"}).status_code == 200
-    assert app.extensions["bus_containers"].bus is None and events_server.published() == []
+    @pytest.fixture
+    def app_env(self, events_server):
+        return events_env(events_server)
+
+    def test_none_usage_publishes_nothing(self, app, client, events_server):
+        assert run(client).status_code == 200
+        assert trail(events_server) == [(RUN, None)]  # the app does publish: its run, and nothing else
+        assert events_server.open_streams("bus.usage.record.response") == 0
+        assert app.extensions["bus_containers"].usage.reply_names == ()
 
 
 @pytest.mark.parametrize("envelope,status,action", [
@@ -215,6 +218,7 @@ def test_billing_reply_mapping(envelope, status, action):
     with pytest.raises(ProviderError) as raised:
         EventsBilling(AnsweringBus(envelope), 1).check("acct-a")
     assert raised.value.status == status and raised.value.action == action
+    assert raised.value.type == {402: "billing_required", 502: "bad_gateway"}[status]
     if status == 402:
         assert raised.value.command == "bus billing setup"
 
