@@ -72,7 +72,7 @@ def events_env(server, **extra) -> dict:
                BUS_EVENTS_LISTENER_RETRY_MAX="500ms", BUS_EVENTS_LISTENER_DOWN_GRACE="1s",
                BUS_CONTAINERS_REQUEST_TIMEOUT="3s", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="2s",
                # A run without timeout_seconds waits this + grace: a lost reply must not hold a test for an hour.
-               BUS_CONTAINERS_MAX_RUN_TIMEOUT="60s", **extra)
+               BUS_CONTAINERS_MAX_RUN_TIMEOUT="30s", **extra)
 
 
 def assert_error(response, status, error_type):

@@ -7,7 +7,7 @@ import pytest
 from conftest import AnsweringBus, assert_error, bearer, connected, env, events_env
 
 # Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(20)
 
 RUNS = "/api/v1/containers/runs"
 BILLING = "bus.billing.entitlement.check.request"
