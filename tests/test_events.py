@@ -121,10 +121,9 @@ def test_one_stream_per_reply_name(client, events_server):
 
 def test_events_api_down_is_503_quickly(client, events_server, app):
     events_server.fail_publish(503)
-    started = time.monotonic()
     response = run(client)
-    assert_error(response, 503, "unavailable")
-    assert time.monotonic() - started < 3
+    # Refused at publish, not after waiting for a reply that could not come.
+    assert "publishing bus.containers.run.request" in assert_error(response, 503, "unavailable")["message"]
     assert app.extensions["bus_containers"].bus.registry.pending() == 0
 
 
