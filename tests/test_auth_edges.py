@@ -81,3 +81,26 @@ def test_token_size_limit_is_8_KiB(client, length, accepted):
         assert response.status_code == 200, response.get_data(as_text=True)
     else:
         assert_invalid_auth(response, issued)
+
+
+@pytest.mark.parametrize("separator", [" ", "  ", "   "])
+def test_one_or_more_spaces_separate_the_scheme_and_the_token(client, separator):
+    """RFC 7235 §2.1: credentials = auth-scheme 1*SP token68."""
+    issued, _ = within_one_second(client, lambda now: {})
+    response = client.get(STATUS, headers={"Authorization": f"Bearer{separator}{issued}"})
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_mint_token_issues_now_for_the_ttl_as_a_jwt():
+    """The `token` command's claims and header, read back with PyJWT."""
+    import jwt
+
+    from bus_containers_provider.auth import mint_token
+    from conftest import SECRET
+
+    minted = mint_token(SECRET.encode(), "acct-x", "container:read", now=1_000_000.7)
+    assert jwt.get_unverified_header(minted) == {"alg": "HS256", "typ": "JWT"}
+    claims_read = jwt.decode(minted, SECRET, algorithms=["HS256"], audience="ai.hg.fi/api",
+                             options={"verify_exp": False, "verify_iat": False})
+    assert claims_read == {"sub": "acct-x", "aud": "ai.hg.fi/api", "scope": "container:read",
+                           "iat": 1_000_000, "exp": 1_003_600}
