@@ -24,6 +24,15 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+class StrictBoolean(fields.Boolean):
+    """JSON true or false, nothing else: truthy={True} alone lets 1 through, since 1 == True."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class Reply(Schema):
     """What integrations send: fields we do not know are ignored, not refused."""
 

@@ -72,7 +72,24 @@ def events_env(server, **extra) -> dict:
                   "BUS_API_TOKEN": EVENTS_TOKEN, "BUS_EVENTS_LISTENER_RETRY": "1",
                   "BUS_EVENTS_LISTENER_RETRY_MIN": "50ms", "BUS_EVENTS_LISTENER_RETRY_MAX": "500ms",
                   "BUS_EVENTS_LISTENER_DOWN_GRACE": "1s", "BUS_CONTAINERS_REQUEST_TIMEOUT": "3s",
-                  "BUS_CONTAINERS_RUN_TIMEOUT_GRACE": "2s", **extra})
+                  "BUS_CONTAINERS_RUN_TIMEOUT_GRACE": "2s",
+                  # A run without timeout_seconds waits this + grace: a lost reply must not hold a test for an hour.
+                  "BUS_CONTAINERS_MAX_RUN_TIMEOUT": "30s", **extra})
+
+
+def assert_error(response, status, error_type):
+    """The contract's error envelope (§3): status, type, a message; Retry-After on a 503, Bearer on a 401."""
+    assert response.status_code == status, (response.status_code, response.get_data(as_text=True)[:500])
+    assert response.mimetype == "application/json"
+    error = response.get_json()["error"]
+    assert error["type"] == error_type, error
+    assert isinstance(error["message"], str) and error["message"]
+    if status == 503:
+        retry_after = response.headers.get("Retry-After", "")
+        assert retry_after.isdigit() and int(retry_after) >= 1, retry_after
+    if status == 401:
+        assert response.headers.get("WWW-Authenticate", "").startswith("Bearer")
+    return error
 
 
 def connected(app, timeout=5.0):

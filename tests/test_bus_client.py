@@ -12,6 +12,9 @@ from bus_containers_provider.bus.client import (
 )
 from bus_containers_provider.bus.replies import ReplyRegistry
 
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(30)
+
 BASE = "http://events.test"
 PUBLISH = f"{BASE}/api/v1/events"
 STREAM = f"{BASE}/api/v1/events/stream"

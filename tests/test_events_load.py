@@ -12,6 +12,9 @@ import requests
 from conftest import EVENTS_TOKEN, bearer, connected, events_env
 from processes import console_script, provider_env
 
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(90)
+
 RUNS = "/api/v1/containers/runs"
 REPLY_NAMES = [f"bus.containers.{name}.response"
                for name in ("status", "run", "delete", "runner.status", "runner.start", "runner.delete")]
@@ -27,7 +30,8 @@ def wait_streams(server, per_name, timeout=15.0):
 
 @pytest.fixture
 def provider(events_server, responder):
-    variables = {k: v for k, v in events_env(events_server).items() if k.startswith("BUS_EVENTS_LISTENER")}
+    variables = {k: v for k, v in events_env(events_server).items()
+                 if k.startswith("BUS_EVENTS_LISTENER") or k == "BUS_CONTAINERS_MAX_RUN_TIMEOUT"}
     env = provider_env(BUS_API_TOKEN=EVENTS_TOKEN, BUS_CONTAINERS_RUN_TIMEOUT_GRACE="2s", **variables)
     with console_script("--backend", "events", "--events-url", events_server.url,
                         "--workers", "2", "--threads", "128", "--max-runs-per-account", "0",

@@ -12,6 +12,9 @@ import requests
 # tests/ is not a package, so pytest puts it on sys.path (as conftest does).
 from eventsapi import EventsServer, Responder, close_stream
 
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(30)
+
 PUBLISH = "/api/v1/events"
 STREAM = "/api/v1/events/stream"
 WAIT = 5.0

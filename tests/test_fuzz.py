@@ -266,6 +266,15 @@ def test_internal_runner_with_admin_token_ignores_bodies(fuzz_client, body, cont
         headers["Content-Type"] = content_type
     response = fuzz_client.open("/api/internal/containers/runner", method=method, data=body, headers=headers)
     assert_json_contract(response, method, (token,))
+    # The runner routes take no body: whatever is sent, the answer is the route's own.
+    assert (response.status_code, response.get_json()) == RUNNER_ANSWERS[method], response.get_data(as_text=True)
+
+
+RUNNER_ANSWERS = {
+    "GET": (200, {"status": {"state": "ready", "provider": "static", "details": {}}}),
+    "POST": (202, {"accepted": True, "action": "start"}),
+    "DELETE": (200, {"deleted": True}),
+}
 
 
 # --------------------------------------------------------------------------- fixed cases found worth pinning

@@ -12,6 +12,9 @@ import requests
 from conftest import EVENTS_TOKEN, SECRET, bearer, events_env
 from processes import console_script, gunicorn_conf, provider_env
 
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(60)
+
 RUNS = "/api/v1/containers/runs"
 
 
@@ -24,7 +27,8 @@ def request_lines(text):
 
 
 def events_process_env(server, **extra):
-    listener = {k: v for k, v in events_env(server).items() if k.startswith("BUS_EVENTS_LISTENER")}
+    listener = {k: v for k, v in events_env(server).items()
+                if k.startswith("BUS_EVENTS_LISTENER") or k == "BUS_CONTAINERS_MAX_RUN_TIMEOUT"}
     return provider_env(BUS_API_TOKEN=EVENTS_TOKEN, BUS_CONTAINERS_BACKEND="events",
                         BUS_EVENTS_API_URL=server.url, **listener, **extra)
 

@@ -3,6 +3,9 @@
 These tests hand the reading code one fixed envelope (AnsweringBus); how
 envelopes travel is tested against the real Events API in test_events.py.
 """
+import sys
+from pathlib import Path
+
 import pytest
 
 from bus_containers_provider import create_app
@@ -13,6 +16,7 @@ from bus_containers_provider.billing import EventsBilling
 from bus_containers_provider.config import Settings, load_settings
 from bus_containers_provider.errors import BadGateway, Unavailable
 from bus_containers_provider.usage import EventsUsage
+from buggy_app import buggy
 from conftest import INTERNAL, AnsweringBus, bearer, env
 
 SETTINGS = Settings(jwt_secret=b"x" * 32, request_timeout=7.0, run_timeout_grace=11.0, max_run_timeout=600.0)
@@ -136,15 +140,6 @@ def test_the_events_backend_serves_with_two_workers_and_static_with_one():
     assert load_settings(dict(events, BUS_CONTAINERS_WORKERS="1")).effective_workers == 1
 
 
-class Broken(Backend):
-    """A backend with a bug: every call raises something no handler expects."""
-
-    def _fail(self, *args, **kwargs):
-        raise RuntimeError("a bug with a secret in its message: acct-a/token")
-
-    status_items = run = delete = runner_status = runner_start = runner_delete = _fail
-
-
 UNEXPECTED = [
     ("GET", "/api/v1/containers/status", None),
     ("GET", "/api/v1/containers/runs", None),
@@ -160,8 +155,7 @@ UNEXPECTED = [
 @pytest.mark.parametrize("method,path,extra", UNEXPECTED)
 def test_an_unexpected_error_is_the_json_envelope_not_an_html_page(method, path, extra, caplog):
     """§3: even a bug answers with the error envelope; it is logged whole, never shown."""
-    app = create_app(env())
-    app.extensions["bus_containers"].backend = Broken()
+    app = buggy(create_app(env()))
     headers = bearer("operator", "container:admin", INTERNAL) if extra == "internal" else bearer()
     response = app.test_client().open(path, method=method, headers=headers,
                                       json=extra if isinstance(extra, dict) else None)
@@ -170,3 +164,20 @@ def test_an_unexpected_error_is_the_json_envelope_not_an_html_page(method, path,
     assert response.get_json() == {"error": {"type": "internal_error", "message": "internal error"}}
     assert b"secret" not in response.data and b"RuntimeError" not in response.data
     assert "RuntimeError: a bug with a secret" in caplog.text  # logged with its traceback for the operator
+
+
+@pytest.mark.timeout(60)
+def test_an_unexpected_error_through_gunicorn_is_the_json_envelope():
+    import requests
+
+    from processes import ROOT, free_port, provider_env, running
+
+    port = free_port()
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    command = [gunicorn, "-c", "gunicorn.conf.py", "--pythonpath", str(ROOT / "tests"), "buggy_app:app"]
+    with running(command, dict(provider_env(), BUS_CONTAINERS_ADDR=f"127.0.0.1:{port}"), port) as process:
+        response = requests.get(f"{process.url}/api/v1/containers/status", headers=bearer(), timeout=10)
+    assert response.status_code == 500
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == {"error": {"type": "internal_error", "message": "internal error"}}
+    assert "RuntimeError: a bug with a secret" in process.output

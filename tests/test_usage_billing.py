@@ -4,7 +4,10 @@ import time
 
 import pytest
 
-from conftest import AnsweringBus, bearer, connected, env, events_env
+from conftest import AnsweringBus, assert_error, bearer, connected, env, events_env
+
+# Every test here waits on a provider, a stream or a server: a lost reply fails it at this bound.
+pytestmark = pytest.mark.timeout(20)
 
 RUNS = "/api/v1/containers/runs"
 BILLING = "bus.billing.entitlement.check.request"
@@ -52,7 +55,7 @@ def test_order_is_billing_usage_run_usage(client, events_server, responder):
 
 
 def test_failed_run_records_container_run_failed(client, events_server):
-    assert run(client, profile="error").status_code == 502
+    assert_error(run(client, profile="error"), 502, "bad_gateway")
     events_server.wait_published(USAGE, count=2)
     failed = events_server.published(USAGE)[-1]["payload"]
     assert failed["event_type"] == "container_run_failed" and failed["data"]["reason"] == "bad_gateway"
@@ -69,10 +72,8 @@ def test_failed_run_records_container_run_failed(client, events_server):
 ])
 def test_billing_denial_is_402_and_nothing_runs(client, events_server, responder, reply, action, command):
     responder.billing["acct-a"] = reply
-    response = run(client)
-    assert response.status_code == 402
-    error = response.get_json()["error"]
-    assert error["type"] == "billing_required" and error["action"] == action and error["command"] == command
+    error = assert_error(run(client), 402, "billing_required")
+    assert error["action"] == action and error["command"] == command
     assert "bus billing" in error["message"]
     if "quota" in reply:
         assert error["details"]["quota"]["meter"] == "bus_container_runtime_seconds"
@@ -85,32 +86,39 @@ def test_billing_denial_is_402_and_nothing_runs(client, events_server, responder
 def test_billing_integration_error_is_502_and_nothing_runs(client, events_server, responder):
     responder.billing["acct-a"] = "error"
     response = run(client)
-    assert response.status_code == 502 and response.get_json()["error"]["type"] == "bad_gateway"
+    assert_error(response, 502, "bad_gateway")
     assert trail(events_server) == [(BILLING, None)]
 
 
 def test_billing_silence_is_503_and_nothing_runs(client, events_server, responder):
     responder.billing["acct-a"] = "never"
     response = run(client)
-    assert response.status_code == 503 and response.get_json()["error"]["type"] == "unavailable"
+    assert_error(response, 503, "unavailable")
     assert trail(events_server) == [(BILLING, None)]
 
 
 @pytest.mark.parametrize("mode", ["never", "error"])
 def test_usage_requested_not_recorded_is_503_and_nothing_runs(client, events_server, responder, mode):
     responder.usage_mode = mode
-    response = run(client)
-    assert response.status_code == 503
+    assert_error(run(client), 503, "unavailable")
     assert trail(events_server) == [(BILLING, None), (USAGE, "container_run_requested")]
 
 
-def test_finished_record_never_holds_up_the_caller(client, events_server, responder):
-    responder.hold_usage.add("container_run_finished")
-    started = time.monotonic()
-    response = run(client)
-    assert response.status_code == 200
-    assert time.monotonic() - started < 1.5  # the request timeout is 3 s
-    events_server.wait_published(USAGE, count=2)
+class TestFinishedRecord:
+    @pytest.fixture
+    def app_env(self, events_server):
+        # Longer than the test's own bound: a caller held up by the record could not pass.
+        return dict(events_env(events_server, BUS_CONTAINERS_BILLING_BACKEND="events",
+                               BUS_CONTAINERS_USAGE_BACKEND="events"), BUS_CONTAINERS_REQUEST_TIMEOUT="60s")
+
+    def test_finished_record_never_holds_up_the_caller(self, app, client, events_server, responder):
+        responder.hold_usage.add("container_run_finished")
+        assert run(client).status_code == 200
+        # The answer came while the finished record still waits for its (withheld) reply.
+        events_server.wait_published(USAGE, count=2)
+        registry = app.extensions["bus_containers"].bus.registry
+        assert registry.pending("bus.usage.record.response") == 1
+        registry.mark_down("bus.usage.record.response", "test over")  # release the sender for teardown
 
 
 def test_usage_finished_failure_keeps_the_result_and_retries(app, client, events_server, responder):
@@ -153,17 +161,18 @@ class TestReadinessWaitsForUsageAndBilling:
         assert client.get("/readyz").status_code == 200
         events_server.fail_streams(503)
         events_server.drop_streams()
-        both = ("bus.usage.record.response", "bus.billing.entitlement.check.response")
-        deadline = time.monotonic() + 5
-        # The two listeners notice their drops independently: wait until readiness names both.
-        while True:
-            response = client.get("/readyz")
-            message = response.get_json().get("error", {}).get("message", "")
-            if response.status_code == 503 and all(name in message for name in both):
-                break
-            assert time.monotonic() < deadline, (response.status_code, message)
+        # Each listener notices its dropped stream on its own; wait (bounded) until both have.
+        names = ("bus.usage.record.response", "bus.billing.entitlement.check.response")
+        deadline = time.monotonic() + 10
+        while not all(name in (message := client.get("/readyz").get_data(as_text=True)) for name in names):
+            assert time.monotonic() < deadline, message
             time.sleep(0.02)
-        assert response.headers["Retry-After"].isdigit()
+        response = client.get("/readyz")
+        assert_error(response, 503, "unavailable")
+        assert all(name in response.get_json()["error"]["message"] for name in names)
+        events_server.reset_faults()
+        connected(app)
+        assert client.get("/readyz").get_json() == {"ok": True}
 
 
 class TestMemoryUsage:
@@ -184,12 +193,18 @@ class TestMemoryUsage:
         assert len(usage.records) == 2
 
 
-def test_none_usage_publishes_nothing(events_server):
-    from bus_containers_provider import create_app
+class TestNoUsage:
+    """--usage-backend none beside an events backend: the run goes over Events, no usage record does."""
 
-    app = create_app(env())
-    assert app.test_client().post(RUNS, headers=bearer(), json={"profile": "codex"}).status_code == 200
-    assert app.extensions["bus_containers"].bus is None and events_server.published() == []
+    @pytest.fixture
+    def app_env(self, events_server):
+        return events_env(events_server)
+
+    def test_none_usage_publishes_nothing(self, app, client, events_server):
+        assert run(client).status_code == 200
+        assert trail(events_server) == [(RUN, None)]  # the app does publish: its run, and nothing else
+        assert events_server.open_streams("bus.usage.record.response") == 0
+        assert app.extensions["bus_containers"].usage.reply_names == ()
 
 
 @pytest.mark.parametrize("envelope,status,action", [
@@ -211,6 +226,7 @@ def test_billing_reply_mapping(envelope, status, action):
     with pytest.raises(ProviderError) as raised:
         EventsBilling(AnsweringBus(envelope), 1).check("acct-a")
     assert raised.value.status == status and raised.value.action == action
+    assert raised.value.type == {402: "billing_required", 502: "bad_gateway"}[status]
     if status == 402:
         assert raised.value.command == "bus billing setup"
 

@@ -1,0 +1,104 @@
+"""Billing denials, the usage sender's retries and backlog, and the static backend's memory bound, as units."""
+import logging
+import threading
+import time
+
+import pytest
+
+from bus_containers_provider.backends import RunRequest
+from bus_containers_provider.backends.static import StaticBackend
+from bus_containers_provider.billing import EventsBilling, denial
+from bus_containers_provider.errors import BillingRequired, Unavailable
+from bus_containers_provider.usage import EventsUsage
+from conftest import AnsweringBus
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_a_denial_names_its_reason_and_carries_the_integration_message():
+    refused = denial({"allowed": False, "message": "no payment method on file"})
+    assert refused.details == {"reason": "billing_required"}
+    assert refused.message.startswith("no payment method on file")
+    assert refused.action == "setup_billing" and refused.command == "bus billing setup"
+
+
+def test_a_denial_with_a_reason_and_a_quota_keeps_both():
+    quota = {"feature": "container:run", "meter": "seconds", "window": "day", "used": 10, "limit": 10}
+    refused = denial({"allowed": False, "reason": "quota_exceeded", "quota": quota})
+    assert refused.details == {"reason": "quota_exceeded", "quota": quota}
+    assert refused.action == "upgrade_plan"
+
+
+def test_a_denial_reply_reaches_the_caller_through_the_check():
+    bus = AnsweringBus({"payload": {"allowed": False, "reason": "setup_billing", "message": "set up billing first"}})
+    with pytest.raises(BillingRequired) as raised:
+        EventsBilling(bus, 1).check("acct-a")
+    assert raised.value.status == 402 and raised.value.details == {"reason": "setup_billing"}
+    assert "set up billing first" in raised.value.message
+
+
+class FailingBus:
+    """Refuses every usage record, counting the attempts."""
+
+    def __init__(self):
+        self.attempts = 0
+        self.lock = threading.Lock()
+
+    def request(self, name, payload, timeout):
+        with self.lock:
+            self.attempts += 1
+        return {"payload": {"recorded": False}}
+
+
+EVENT = {"event_type": "container_run_finished", "event_id": "run_1:container_run_finished",
+         "data": {"run_id": "run_1"}}
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_a_record_made_later_is_tried_six_times_then_given_up_and_logged(caplog):
+    bus = FailingBus()
+    usage = EventsUsage(bus, 1, retry_delay=0.001)
+    usage.start()
+    try:
+        usage.record_later(EVENT)
+        wait_for(lambda: "lost after" in caplog.text)
+    finally:
+        usage.stop()
+    assert bus.attempts == EventsUsage.ATTEMPTS == 6
+    assert "usage container_run_finished for run run_1 lost after 6 attempts" in caplog.text
+
+
+def test_the_backlog_is_bounded_and_a_dropped_record_is_logged(caplog):
+    caplog.set_level(logging.ERROR)
+    usage = EventsUsage(FailingBus(), 1)
+    usage.BACKLOG = 2  # never started: records stay queued
+    for n in range(3):
+        usage.record_later(dict(EVENT, data={"run_id": f"run_{n}"}))
+    dropped = [r.getMessage() for r in caplog.records if "backlog is full" in r.getMessage()]
+    assert dropped == ["usage container_run_finished for run run_2 dropped: the backlog is full"]
+    usage.stop()
+    assert "not recorded before shutdown" in caplog.text
+
+
+def test_a_refused_record_before_a_run_raises():
+    with pytest.raises(Unavailable):
+        EventsUsage(FailingBus(), 1).record(EVENT)
+
+
+def run_request(n):
+    return RunRequest(run_id=f"run_{n}", owner_account_id="acct-a", command=["true"], image="alpine")
+
+
+def test_the_static_backend_forgets_its_oldest_runs_beyond_its_bound():
+    backend = StaticBackend(max_runs=2)
+    for n in range(3):
+        backend.run(run_request(n))
+    assert [item["id"] for item in backend.runs("acct-a")] == ["run_1", "run_2"]
+    backend.run(run_request(3))
+    assert [item["id"] for item in backend.runs("acct-a")] == ["run_2", "run_3"]
