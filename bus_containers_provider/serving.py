@@ -21,7 +21,8 @@ LOGGING = {
     },
     "handlers": {
         "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
-        "requests": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stdout"},
+        "requests": {"class": "bus_containers_provider.logs.LineHandler", "formatter": "line",
+                     "stream": "ext://sys.stdout"},
     },
     # gunicorn merges this over its defaults key by key, so its own loggers are restated.
     "root": {"level": "INFO", "handlers": ["stderr"]},
@@ -89,6 +90,8 @@ def gunicorn_options(settings) -> dict:
         # SIGTERM: stop accepting, let in-flight runs finish for this long, then exit.
         "graceful_timeout": math.ceil(settings.shutdown_grace),
         "logconfig_dict": LOGGING,
+        # No access line: the app writes its own request line (logs.py).
+        "logger_class": "bus_containers_provider.logs.ServerLogger",
         # gunicorn's runtime control socket: one fixed path per user, so several
         # instances clobber each other, and an admin interface we do not use.
         "control_socket_disable": True,

@@ -1,6 +1,5 @@
 """Public container API: status, run creation, run reads and deletion (ai.hg.fi/api)."""
 import json
-import uuid
 
 from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
@@ -8,6 +7,7 @@ from marshmallow import ValidationError
 from ..auth import requires
 from ..backends import RunRequest
 from ..errors import BadRequest, UnsupportedMediaType
+from ..logs import new_id
 from ..schemas import delete_result_schema, items_schema, run_request_schema, run_result_schema, status_item_schema
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/containers")
@@ -57,7 +57,7 @@ def create_run():
     limit = provider.settings.max_run_timeout
     if body.get("timeout_seconds", 0) > limit:
         raise BadRequest(f"timeout_seconds must be at most {int(limit)}")
-    run = RunRequest(run_id=f"run_{uuid.uuid4().hex}", owner_account_id=g.principal.account, **body)
+    run = RunRequest(run_id=f"run_{new_id()}", owner_account_id=g.principal.account, **body)
     g.run_id = run.run_id  # for the request log line
     return run_result_schema.dump(provider.run(run))
 
