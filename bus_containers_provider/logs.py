@@ -6,7 +6,6 @@ import re
 import select
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 
 from flask import g, has_request_context, request
 from gunicorn.glogging import Logger as GunicornLogger
@@ -23,10 +22,12 @@ def new_id() -> str:
 
 
 def _begin():
-    incoming = request.headers.get("X-Request-Id", "")
-    g.request_id = incoming if _REQUEST_ID.match(incoming) else new_id()
-    g.started = time.perf_counter()
-    g.backend_seconds = 0.0
+    # Each proxy lookup of `request` or `g` costs a context-variable walk: bind them once.
+    req, ctx = request._get_current_object(), g._get_current_object()
+    incoming = req.headers.get("X-Request-Id", "")
+    ctx.request_id = incoming if _REQUEST_ID.match(incoming) else new_id()
+    ctx.started = time.perf_counter()
+    ctx.backend_seconds = 0.0
 
 
 @contextmanager
@@ -41,24 +42,34 @@ def backend_timer():
 
 
 def _finish(response):
-    request_id = g.get("request_id") or new_id()
+    ctx = g._get_current_object()
+    request_id = getattr(ctx, "request_id", None) or new_id()
     response.headers["X-Request-Id"] = request_id
     if log.isEnabledFor(logging.INFO):
-        principal = g.get("principal")
+        req = request._get_current_object()
+        now = time.perf_counter()
+        principal = getattr(ctx, "principal", None)
+        rule = req.url_rule
         line = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": _utc_now(),
             "request_id": request_id,
-            "method": request.method,
-            "route": request.url_rule.rule if request.url_rule else None,
+            "method": req.method,
+            "route": rule.rule if rule else None,
             "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 3),
-            "backend_ms": round(g.get("backend_seconds", 0.0) * 1000, 3),
+            "duration_ms": round((now - getattr(ctx, "started", now)) * 1000, 3),
+            "backend_ms": round(getattr(ctx, "backend_seconds", 0.0) * 1000, 3),
             "account": principal.account if principal else None,
-            "run_id": g.get("run_id") or (request.view_args or {}).get("run_id"),
+            "run_id": getattr(ctx, "run_id", None) or (req.view_args or {}).get("run_id"),
         }
         # Never the Authorization header, a token or a body: only the fields above.
         log.info(json.dumps(line, separators=(",", ":")))
     return response
+
+
+def _utc_now() -> str:
+    """RFC 3339 UTC with milliseconds, e.g. 2026-12-01T10:00:00.123Z."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % (int(now * 1000) % 1000)
 
 
 class LineHandler(logging.StreamHandler):
