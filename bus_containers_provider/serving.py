@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import resource
 
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
@@ -74,6 +75,7 @@ def gunicorn_options(settings) -> dict:
 
     def on_starting(server):
         log.info("configuration: %s", settings.redacted())
+        _raise_fd_limit(_fds_per_worker(settings))
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "
                         "see a different run list per worker", settings.effective_workers)
@@ -82,6 +84,12 @@ def gunicorn_options(settings) -> dict:
         "bind": settings.addr,
         "workers": settings.effective_workers,
         "threads": settings.threads,
+        # gthread stops accepting at worker_connections (default 1000), counting idle
+        # keep-alive connections too: below the threads, threads idle while callers wait.
+        "worker_connections": _worker_connections(settings),
+        # One listening socket per worker: the kernel spreads connections evenly
+        # over them, where a shared socket goes to whichever worker wakes first.
+        "reuse_port": True,
         # gthread: one thread per request. Its heartbeat does not depend on request
         # threads, so the worker timeout never kills a long foreground run.
         "worker_class": f"{__name__}.JsonErrorWorker",
@@ -99,6 +107,26 @@ def gunicorn_options(settings) -> dict:
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
     }
+
+
+def _worker_connections(settings) -> int:
+    return max(1000, 2 * settings.threads)
+
+
+def _fds_per_worker(settings) -> int:
+    # A caller's connection each, an Events publish connection per thread, and room for the rest.
+    return _worker_connections(settings) + settings.threads + 256
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Lift the soft descriptor limit toward what a worker may need; the hard limit is the operator's."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning("open files are limited to %d; each worker may need %d (raise LimitNOFILE)",
+                        target, needed)
 
 
 class ProviderApplication(BaseApplication):
