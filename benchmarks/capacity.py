@@ -93,14 +93,10 @@ def through_provider(events_url: str, in_flight: int) -> dict:
 
 
 def in_repo_alone(in_flight: int) -> float:
-    import sys
+    from .inrepo import in_repo_events
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from eventsapi import EventsServer, Responder
-
-    with EventsServer(tokens={EVENTS_TOKEN: None, WORKER_TOKEN: None}) as server, \
-            Responder(server.url, WORKER_TOKEN):
-        return direct_runs(server.url, EVENTS_TOKEN, in_flight, profile=HOLD, timeout=TIMEOUT)
+    with in_repo_events(free_port()) as url:
+        return direct_runs(url, EVENTS_TOKEN, in_flight, profile=HOLD, timeout=TIMEOUT)
 
 
 def run(table, counts=(1000, 5000)) -> dict:
