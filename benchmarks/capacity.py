@@ -99,14 +99,14 @@ def in_repo_alone(in_flight: int) -> float:
         return direct_runs(url, EVENTS_TOKEN, in_flight, profile=HOLD, timeout=TIMEOUT)
 
 
-def run(table, counts=(1000, 5000)) -> dict:
+def run(table, counts=(1000, 5000), in_repo: bool = True) -> dict:
     figures = {}
-    try:
-        alone = in_repo_alone(counts[0])
-        table.add(f"Events side alone, in-repo test server + responder, {counts[0]} runs held 5 s", f"{alone:.2f} s")
-    except Exception as exc:  # the figure is a comparison; its absence does not stop the rest
-        table.add(f"Events side alone, in-repo test server + responder, {counts[0]} runs held 5 s",
-                  f"failed: {type(exc).__name__}")
+    if in_repo:  # a thousand only: the thread-per-connection test server is not built for more
+        what = "Events side alone, in-repo test server + responder, 1000 runs held 5 s"
+        try:
+            table.add(what, f"{in_repo_alone(1000):.2f} s")
+        except Exception as exc:  # a comparison figure; its absence does not stop the rest
+            table.add(what, f"failed: {type(exc).__name__}")
     with fast_events(free_port(), [WORKER_TOKEN, EVENTS_TOKEN]) as events_url:
         for count in counts:
             alone = direct_runs(events_url, EVENTS_TOKEN, count, profile=HOLD, timeout=TIMEOUT)
@@ -134,5 +134,6 @@ if __name__ == "__main__":
     from .common import Table
 
     table = Table()
-    run(table, tuple(int(n) for n in sys.argv[1:]) or (1000, 5000))
+    counts = tuple(int(n) for n in sys.argv[1:]) or (1000, 5000)
+    run(table, counts, in_repo=1000 in counts)
     print(table.render())
