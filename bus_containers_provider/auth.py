@@ -1,6 +1,7 @@
 """Bearer-token verification (HS256 through joserfc, authlib's JOSE library) and the route guard."""
 import functools
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -65,10 +66,14 @@ class TokenVerifier:
         # Claim checks are opt-in in joserfc: every claim we rely on is essential.
         self._claims = _Claims(now=lambda: int(clock()),
                                **{name: {"essential": True} for name in ("sub", "aud", "exp", "iat")})
+        self._verified = VerifiedTokens(clock=clock)
 
     def verify(self, token: str, audience: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
             raise InvalidAuth("bearer token is too large")
+        principal = self._verified.get(token, audience)
+        if principal is not None:
+            return principal
         try:
             decoded = jwt.decode(token, self._key, algorithms=ALGORITHMS)
             header, claims = decoded.header, decoded.claims
@@ -78,7 +83,50 @@ class TokenVerifier:
             raise InvalidAuth("bearer token is invalid or expired") from None
         if REFUSED_HEADERS & set(header) or header.get("alg") not in ALGORITHMS:
             raise InvalidAuth("bearer token header is not accepted")
-        return Principal(_subject(claims), _scopes(claims, audience))
+        principal = Principal(_subject(claims), _scopes(claims, audience))
+        self._verified.put(token, audience, principal, claims["exp"])
+        return principal
+
+
+class VerifiedTokens:
+    """Tokens that passed every check, remembered until their exp: a caller's next request skips the checks.
+
+    Bounded (the oldest entry goes first), keyed by the whole token and the
+    audience it was checked for, and an entry is never used at or after the
+    token's exp. Only successes are kept: a refused token is checked in full
+    every time. The secret is fixed for the verifier's life, so the same
+    token always verifies to the same Principal.
+    """
+
+    SIZE = 1024
+
+    def __init__(self, size: int = SIZE, clock=time.time):
+        self._size = size
+        self._clock = clock
+        self._entries = {}  # (token, audience) -> (exp, Principal); dict order is insertion order
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._entries)
+
+    def get(self, token: str, audience: str):
+        key = (token, audience)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if not self._clock() < entry[0]:
+            self._entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, token: str, audience: str, principal: Principal, exp) -> None:
+        # Only a plain number below 2^53 (so never NaN, infinity or a huge int) is worth remembering.
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not exp < MAX_NUMERIC_DATE:
+            return
+        with self._lock:
+            self._entries[(token, audience)] = (exp, principal)
+            while len(self._entries) > self._size:
+                del self._entries[next(iter(self._entries))]
 
 
 def _subject(claims) -> str:

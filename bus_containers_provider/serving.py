@@ -2,6 +2,7 @@
 import ipaddress
 import logging
 import math
+import resource
 from urllib.parse import urlsplit
 
 from gunicorn.app.base import BaseApplication
@@ -24,7 +25,8 @@ LOGGING = {
     },
     "handlers": {
         "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
-        "requests": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stdout"},
+        "requests": {"class": "bus_containers_provider.logs.LineHandler", "formatter": "line",
+                     "stream": "ext://sys.stdout"},
     },
     # gunicorn merges this over its defaults key by key, so its own loggers are restated.
     "root": {"level": "INFO", "handlers": ["stderr"]},
@@ -69,6 +71,7 @@ def gunicorn_options(settings) -> dict:
     def on_starting(server):
         exporter.on_starting(server, settings.metrics_addr)
         log.info("configuration: %s", settings.redacted())
+        _raise_fd_limit(_fds_per_worker(settings))
         if settings.backend == "static" and settings.effective_workers > 1:
             log.warning("the static backend keeps runs per process; with %d workers callers "
                         "see a different run list per worker", settings.effective_workers)
@@ -80,6 +83,9 @@ def gunicorn_options(settings) -> dict:
         "bind": settings.addr,
         "workers": settings.effective_workers,
         "threads": settings.threads,
+        # gthread stops accepting at worker_connections (default 1000), counting idle
+        # keep-alive connections too: below the threads, threads idle while callers wait.
+        "worker_connections": _worker_connections(settings),
         # gthread: one thread per request. Its heartbeat does not depend on request
         # threads, so the worker timeout never kills a long foreground run. Request
         # heads are read in the worker's poller, never in a request thread (worker.py).
@@ -89,6 +95,8 @@ def gunicorn_options(settings) -> dict:
         # SIGTERM: stop accepting, let in-flight runs finish for the grace, cancel the rest, then exit.
         "graceful_timeout": math.ceil(settings.shutdown_grace) + DRAIN_SECONDS,
         "logconfig_dict": LOGGING,
+        # No access line: the app writes its own request line (logs.py).
+        "logger_class": "bus_containers_provider.logs.ServerLogger",
         # gunicorn's runtime control socket: one fixed path per user, so several
         # instances clobber each other, and an admin interface we do not use.
         "control_socket_disable": True,
@@ -100,6 +108,26 @@ def gunicorn_options(settings) -> dict:
         "child_exit": exporter.child_exit,
         "on_exit": exporter.on_exit,
     }
+
+
+def _worker_connections(settings) -> int:
+    return max(1000, 2 * settings.threads)
+
+
+def _fds_per_worker(settings) -> int:
+    # A caller's connection each, an Events publish connection per thread, and room for the rest.
+    return _worker_connections(settings) + settings.threads + 256
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """Lift the soft descriptor limit toward what a worker may need; the hard limit is the operator's."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < needed:
+            log.warning("open files are limited to %d; each worker may need %d (raise LimitNOFILE)",
+                        target, needed)
 
 
 class ProviderApplication(BaseApplication):

@@ -1,6 +1,5 @@
 """Public container API: status, run creation, run reads and deletion (ai.hg.fi/api)."""
 import json
-import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
@@ -10,6 +9,7 @@ from ..auth import requires
 from ..backends import RunRequest
 from ..controls import caller_gone, parse_key
 from ..errors import BadRequest, UnsupportedMediaType
+from ..logs import new_id
 from ..schemas import delete_result_schema, items_schema, run_request_schema, status_item_schema
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/containers")
@@ -60,7 +60,7 @@ def create_run():
     limit = provider.settings.max_run_timeout
     if body.get("timeout_seconds", 0) > limit:
         raise BadRequest(f"timeout_seconds must be at most {int(limit)}")
-    run = RunRequest(run_id=f"run_{uuid.uuid4().hex}", owner_account_id=g.principal.account, **body)
+    run = RunRequest(run_id=f"run_{new_id()}", owner_account_id=g.principal.account, **body)
     g.run_id = run.run_id  # for the request log line
     answer = provider.run(run, key, caller_gone(request.environ))
     response = jsonify(answer.body)

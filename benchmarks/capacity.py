@@ -1,0 +1,139 @@
+"""Capacity: thousands of runs held at once through the events backend.
+
+1. The Events side alone: the benchmark Events API and worker (events.py)
+   turning N held runs around for a caller that publishes straight to it,
+   and the same for the in-repo test server and responder, for comparison.
+2. The provider (2 workers, threads sized for an even split) in front of the
+   same Events API, loaded by N asyncio callers at once. Figures: wall time
+   against the Events side alone, errors, crossed replies (each caller checks
+   that its result echoes its own command), peak memory of all provider
+   processes per in-flight run, and how the callers' connections split over
+   the workers.
+"""
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from .client import direct_runs, post_runs
+from .common import EVENTS_TOKEN, WORKER_TOKEN, console_script, free_port, provider_env, rss_kib, token, tree
+from .events import fast_events
+
+HOLD = "sleep:5"
+TIMEOUT = 90.0
+
+
+def threads_for(in_flight: int, workers: int = 2) -> int:
+    """Threads per worker for an even split plus 4 standard deviations, above the reserved eighth."""
+    share = in_flight / workers
+    runs = share + 4 * math.sqrt(share) + 8
+    return math.ceil(runs * 8 / 7)
+
+
+def callers(pid: int, port: int) -> int:
+    """Established connections to the provider's port held by process `pid`."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # local port, ESTABLISHED
+            inodes.add(fields[9])
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        count += link.startswith("socket:[") and link[8:-1] in inodes
+    return count
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of the provider's processes, and the most callers each worker held, every 0.2 s."""
+
+    def __init__(self, master: int, port: int):
+        super().__init__(daemon=True)
+        self.port = port
+        self.pids = tree(master)
+        self.workers = self.pids[1:]
+        self.idle_rss = rss_kib(self.pids)
+        self.peak_rss = self.idle_rss
+        self.peak_callers = {pid: 0 for pid in self.workers}
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.2):
+            self.peak_rss = max(self.peak_rss, rss_kib(self.pids))
+            for pid in self.workers:
+                try:
+                    self.peak_callers[pid] = max(self.peak_callers[pid], callers(pid, self.port))
+                except OSError:
+                    pass
+
+    def split(self) -> list:
+        return sorted(self.peak_callers.values(), reverse=True)
+
+
+def through_provider(events_url: str, in_flight: int) -> dict:
+    env = provider_env(BUS_API_TOKEN=EVENTS_TOKEN, BUS_EVENTS_LISTENER_RETRY="1", BUS_EVENTS_LISTENER_REQUIRED="1")
+    threads = threads_for(in_flight)
+    with console_script("--backend", "events", "--events-url", events_url, "--workers", "2",
+                        "--threads", str(threads), "--max-runs-per-account", "0", env=env) as provider:
+        caller = token("bench-account", "container:run")
+        post_runs(provider.url, caller, 20, profile="instant")  # warm each worker's sessions
+        time.sleep(0.5)
+        sampler = Sampler(provider.pid, int(provider.url.rsplit(':', 1)[1]))
+        sampler.start()
+        result = post_runs(provider.url, caller, in_flight, profile=HOLD, timeout=TIMEOUT)
+        sampler.done.set()
+        sampler.join(2)
+    result.update(threads=threads, rss_per_run=(sampler.peak_rss - sampler.idle_rss) / max(result["ok"], 1),
+                  idle_rss=sampler.idle_rss, peak_rss=sampler.peak_rss, split=sampler.split())
+    return result
+
+
+def in_repo_alone(in_flight: int) -> float:
+    from .inrepo import in_repo_events
+
+    with in_repo_events(free_port()) as url:
+        return direct_runs(url, EVENTS_TOKEN, in_flight, profile=HOLD, timeout=TIMEOUT)
+
+
+def run(table, counts=(1000, 5000), in_repo: bool = True) -> dict:
+    figures = {}
+    if in_repo:  # a thousand only: the thread-per-connection test server is not built for more
+        what = "Events side alone, in-repo test server + responder, 1000 runs held 5 s"
+        try:
+            table.add(what, f"{in_repo_alone(1000):.2f} s")
+        except Exception as exc:  # a comparison figure; its absence does not stop the rest
+            table.add(what, f"failed: {type(exc).__name__}")
+    with fast_events(free_port(), [WORKER_TOKEN, EVENTS_TOKEN]) as events_url:
+        for count in counts:
+            alone = direct_runs(events_url, EVENTS_TOKEN, count, profile=HOLD, timeout=TIMEOUT)
+            table.add(f"Events side alone, benchmark server (events.py), {count} runs held 5 s", f"{alone:.2f} s")
+            result = through_provider(events_url, count)
+            errors = count - result["ok"]
+            others = {k: v for k, v in result["statuses"].items() if k != 200}
+            table.add(f"capacity: {count} runs held 5 s through the provider (2 workers × {result['threads']} threads)",
+                      f"{result['wall']:.2f} s wall, +{result['wall'] - alone:.2f} s over the Events side; "
+                      f"{errors} errors{' ' + str(others) if others else ''}, {result['crossed']} crossed",
+                      "≤ +0.4 s, 0 errors, 0 crossed" if count == counts[0] else "0 errors, 0 crossed")
+            table.add(f"capacity: peak RSS per in-flight run ({count})",
+                      f"{result['rss_per_run']:.0f} KiB (idle {result['idle_rss'] / 1024:.0f} MiB, "
+                      f"peak {result['peak_rss'] / 1024:.0f} MiB)", "≤ 128 KiB")
+            split = result["split"]
+            table.add(f"capacity: runs held per worker ({count})",
+                      " / ".join(str(n) for n in split) + f" ({100 * split[0] / max(sum(split), 1):.0f} % on the busier)")
+            figures[count] = dict(result, alone=alone)
+    return figures
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .common import Table
+
+    table = Table()
+    counts = tuple(int(n) for n in sys.argv[1:]) or (1000, 5000)
+    run(table, counts, in_repo=1000 in counts)
+    print(table.render())

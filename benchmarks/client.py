@@ -1,0 +1,96 @@
+"""An asyncio HTTP client, so that thousands of callers cost the benchmark one thread."""
+import asyncio
+import json
+import time
+import uuid
+
+from .events import RUN, RUN_REPLY, STREAM, Publisher
+
+RUNS = "/api/v1/containers/runs"
+
+
+async def _request(host: str, port: int, method: str, path: str, token: str, body: dict, timeout: float):
+    """(status, decoded body, seconds) of one request on its own connection."""
+    started = time.monotonic()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        data = json.dumps(body).encode()
+        writer.write((f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                      f"Connection: close\r\n\r\n").encode() + data)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        payload = json.loads(await asyncio.wait_for(reader.readexactly(length), timeout))
+        return status, payload, time.monotonic() - started
+    finally:
+        writer.close()
+
+
+async def _runs(url: str, token: str, count: int, profile: str, timeout: float):
+    host, port = url.split("://")[1].split(":")
+    port = int(port)
+
+    async def one(n):
+        marker = f"caller-{n}"
+        try:
+            status, payload, seconds = await _request(host, port, "POST", RUNS, token,
+                                                      {"profile": profile, "args": [marker]}, timeout)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            return {"status": type(exc).__name__, "crossed": False, "seconds": None}
+        crossed = status == 200 and payload.get("args") != [marker]
+        return {"status": status, "crossed": crossed, "seconds": seconds}
+
+    return await asyncio.gather(*(one(n) for n in range(count)))
+
+
+def post_runs(url: str, token: str, count: int, profile: str = "sleep:5", timeout: float = 60.0) -> dict:
+    """`count` runs at once, each on its own connection: statuses, crossed replies, wall time."""
+    started = time.monotonic()
+    results = asyncio.run(_runs(url, token, count, profile, timeout))
+    wall = time.monotonic() - started
+    statuses = {}
+    for result in results:
+        statuses[result["status"]] = statuses.get(result["status"], 0) + 1
+    return {"wall": wall, "ok": statuses.get(200, 0), "statuses": statuses,
+            "crossed": sum(r["crossed"] for r in results),
+            "seconds": [r["seconds"] for r in results if r["seconds"] is not None]}
+
+
+async def _direct(port: int, token: str, count: int, profile: str, timeout: float):
+    """Publish `count` run requests straight to the Events API and wait for every reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"GET {STREAM}?name={RUN_REPLY}&delivery=broadcast HTTP/1.1\r\nHost: bench\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
+    await reader.readuntil(b"\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    waiting = {str(uuid.uuid4()): loop.create_future() for _ in range(count)}
+    pending = dict(waiting)
+
+    async def listen():
+        while pending:
+            size = int((await reader.readline()).strip(), 16)
+            envelope = json.loads(await reader.readexactly(size + 2))
+            future = pending.pop(envelope["correlationId"], None)
+            if future is not None:
+                future.set_result(envelope)
+
+    publisher = Publisher(port, token, 32)
+
+    async def one(n, correlation):
+        payload = {"run_id": f"run_{n}", "owner_account_id": "bench", "profile": profile, "command": [str(n)]}
+        await publisher.publish({"name": RUN, "correlationId": correlation, "payload": payload})
+
+    started = time.monotonic()
+    listener = loop.create_task(listen())
+    await asyncio.gather(*(one(n, c) for n, c in enumerate(waiting)))
+    await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout)
+    elapsed = time.monotonic() - started
+    listener.cancel()
+    writer.close()
+    return elapsed
+
+
+def direct_runs(events_url: str, token: str, count: int, profile: str = "sleep:5", timeout: float = 60.0) -> float:
+    """Wall seconds for the Events side alone to turn `count` held runs around."""
+    return asyncio.run(_direct(int(events_url.rsplit(":", 1)[1]), token, count, profile, timeout))

@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: processes, their CPU and memory, wrk, and the result table."""
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import EVENTS_TOKEN, WORKER_TOKEN, token  # noqa: E402,F401
+from processes import console_script, free_port, provider_env, running  # noqa: E402,F401
+
+BIN = Path(sys.executable).parent
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list:
+    """A process and its children (gunicorn's master and workers)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [int(p) for p in children]
+
+
+def cpu_seconds(pids) -> float:
+    """User + system CPU of `pids` so far (terminated ones count as 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def rss_kib(pids) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def wrk(url: str, seconds: int, connections: int = 32, threads: int = 2) -> int:
+    """Requests completed by wrk in `seconds` of authenticated POST /runs; any failure stops the benchmark."""
+    env = dict(os.environ, BENCH_TOKEN=token("bench-account", "container:run"))
+    result = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s",
+                             str(ROOT / "benchmarks/post_run.lua"), f"{url}/api/v1/containers/runs"],
+                            env=env, capture_output=True, text=True, timeout=seconds + 60)
+    if "non2xx=0 errors=0" not in result.stdout:
+        raise SystemExit(f"wrk saw failures against {url}:\n{result.stdout}")
+    return int(re.search(r"(\d+) requests in", result.stdout).group(1))
+
+
+def percentile(values, q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+class Table:
+    """The one table `make bench` prints: benchmark, figure, target."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, benchmark: str, figure: str, target: str = "") -> None:
+        self.rows.append((benchmark, figure, target))
+        print(f"  {benchmark}: {figure}" + (f"   (target {target})" if target else ""), flush=True)
+
+    def render(self) -> str:
+        widths = [max(len(row[i]) for row in self.rows + [("benchmark", "figure", "target")]) for i in range(3)]
+        line = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+        out = [line.format("benchmark", "figure", "target"), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out += [line.format(*row) for row in self.rows]
+        return "\n".join(out)

@@ -1,0 +1,51 @@
+"""Overhead: authenticated POST /runs (static backend) against a bare Flask endpoint.
+
+Both run under gunicorn gthread with the same workers and threads; wrk loads
+them in alternating rounds (A/B/A/B). Figures: the median throughput ratio
+provider/bare and, beside it, the ratio of server CPU per request.
+"""
+import os
+
+from .common import BIN, ROUNDS, console_script, cpu_seconds, median, provider_env, running, free_port, tree, wrk
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "6"))
+WORKERS, THREADS = "2", "32"
+
+
+def bare_server():
+    port = free_port()
+    command = [str(BIN / "gunicorn"), "-c", "/dev/null", "--no-control-socket", "-k", "gthread", "-w", WORKERS,
+               "--threads", THREADS, "-b", f"127.0.0.1:{port}", "benchmarks.bare:app"]
+    return running(command, provider_env(), port, ready_path="/api/v1/containers/runs")
+
+
+def measure(server) -> tuple:
+    """(requests per second, server CPU µs per request) for one wrk round."""
+    pids = tree(server.pid)
+    before = cpu_seconds(pids)
+    done = wrk(server.url, SECONDS)
+    return done / SECONDS, (cpu_seconds(pids) - before) / done * 1e6
+
+
+def run(table, rounds: int = ROUNDS) -> dict:
+    with console_script("--workers", WORKERS, "--threads", THREADS) as provider, bare_server() as bare:
+        wrk(provider.url, 2), wrk(bare.url, 2)  # warm both
+        rows = []
+        for n in range(rounds):
+            ours, theirs = measure(provider), measure(bare)
+            rows.append((ours, theirs))
+            print(f"    round {n + 1}: provider {ours[0]:6.0f} req/s {ours[1]:5.0f} µs CPU/req   "
+                  f"bare {theirs[0]:6.0f} req/s {theirs[1]:5.0f} µs CPU/req   ratio {ours[0] / theirs[0]:.2f}",
+                  flush=True)
+    ratio = median(o[0] / t[0] for o, t in rows)
+    cpu_ratio = median(o[1] / t[1] for o, t in rows)
+    table.add("overhead: POST /runs req/s ÷ bare Flask", f"{ratio:.2f} (median of {rounds})", "≥ 0.80")
+    table.add("overhead: server CPU/request, provider ÷ bare",
+              f"{cpu_ratio:.2f} ({median(o[1] for o, _ in rows):.0f} vs {median(t[1] for _, t in rows):.0f} µs)")
+    return {"ratio": ratio, "cpu_ratio": cpu_ratio}
+
+
+if __name__ == "__main__":
+    from .common import Table
+
+    run(Table())
