@@ -63,7 +63,9 @@ RUN_REQUEST_RULES = [
 ENV_SCHEMA = {
     "type": "object",
     "maxProperties": schemas.MAX_ENV_ENTRIES,
-    "propertyNames": {"pattern": schemas.ENV_NAME.pattern},
+    # A JSON Schema pattern matches anywhere, so it is anchored; the lookahead keeps a
+    # trailing newline out where "$" alone would let it in (Python's re, unlike ECMA-262).
+    "propertyNames": {"pattern": f"^{schemas.ENV_NAME.pattern}$(?![\\s\\S])"},
     "additionalProperties": {"type": "string"},
 }
 # CONTRACT §7: 1-255 of `!`..`~`, or a Structured Field string ("...", escapes \" and \\) that unquotes to that.

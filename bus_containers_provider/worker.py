@@ -179,7 +179,9 @@ class ProviderWorker(ThreadWorker):
         if not data:
             return self._drop_head(conn)
         conn.head += data
-        if len(conn.head) > self.max_head_bytes:
+        # Only the head counts: one read may bring a whole head and the start of a large body.
+        end = conn.head.find(b"\r\n\r\n")
+        if (end if end >= 0 else len(conn.head)) > self.max_head_bytes:
             self._forget_head(conn)
             try:
                 write_json_error(conn.sock, 431, "Request Header Fields Too Large", "")

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from bus_containers_provider.backends import RunRequest
+from bus_containers_provider.backends import RunRequest, Watch
 from bus_containers_provider.backends.static import StaticBackend
 from bus_containers_provider.billing import EventsBilling, denial
 from bus_containers_provider.errors import BillingRequired, Unavailable
@@ -98,7 +98,7 @@ def run_request(n):
 def test_the_static_backend_forgets_its_oldest_runs_beyond_its_bound():
     backend = StaticBackend(max_runs=2)
     for n in range(3):
-        backend.run(run_request(n))
+        backend.run(run_request(n), Watch())
     assert [item["id"] for item in backend.runs("acct-a")] == ["run_1", "run_2"]
-    backend.run(run_request(3))
+    backend.run(run_request(3), Watch())
     assert [item["id"] for item in backend.runs("acct-a")] == ["run_2", "run_3"]

@@ -164,7 +164,10 @@ def test_a_well_formed_reply_is_read_as_its_result(action, data):
     if action == "status":
         assert result == expected_status(payload["items"])
     elif action == "run":
-        assert result == {**{k: v for k, v in payload.items() if k in REQUIRED["run"]}, "owner_account_id": "acct-a"}
+        # §5: the truncation flags are optional in a reply, and false when absent.
+        flags = {f"{stream}_truncated": payload.get(f"{stream}_truncated", False) for stream in ("stdout", "stderr")}
+        assert result == {**{k: v for k, v in payload.items() if k in REQUIRED["run"]}, **flags,
+                          "owner_account_id": "acct-a"}
     elif action == "delete":
         assert result == {"deleted": True, "run_id": "run_1", "owner_account_id": "acct-a"}
     elif action == "runner_status":

@@ -126,3 +126,19 @@ def test_a_head_over_the_cap_is_a_json_431_at_once():
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "bad_request"
+
+
+def test_a_whole_head_read_with_a_large_body_is_served():
+    """One read may bring a whole head and more than the head cap of body: only the head counts."""
+    body = json.dumps({"image": "alpine", "command": ["cat"], "stdin": "x" * (MAX_HEAD_BYTES * 2)}).encode()
+    head = (f"POST {RUNS} HTTP/1.1\r\nHost: provider\r\nAuthorization: {bearer()['Authorization']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with processes.console_script("--backend", "static") as process:
+        port = int(process.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + body)  # in one piece, as a client with the body at hand sends it
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["run_id"].startswith("run_")
