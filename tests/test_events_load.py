@@ -76,7 +76,7 @@ def runs_across_a_restart(url, events_server, responder, count, down_seconds=5.0
     Returns each run's (account, nonce, response, finished at) and the time the API came back.
     """
     def one(n):
-        account, nonce, response, _ = post_run(url, ACCOUNTS[n % 5], "sleep:4", timeout_seconds=60)
+        account, nonce, response, _ = post_run(url, ACCOUNTS[n % 5], "sleep:4", timeout_seconds=30)
         return account, nonce, response, time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:

@@ -101,7 +101,7 @@ class TestWithoutRetry:
         return dict(events_env(events_server), BUS_EVENTS_LISTENER_RETRY="0")
 
     def test_a_dropped_stream_fails_its_waiters_after_the_down_grace(self, app, client, events_server):
-        thread, box = start_run(client, timeout_seconds=60)
+        thread, box = start_run(client, timeout_seconds=30)
         events_server.wait_published(RUN_REQUEST, count=1)
         take_stream_down(app, events_server)
         thread.join(15)  # the down grace (1 s), not the 62 s run wait
