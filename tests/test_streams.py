@@ -112,8 +112,9 @@ class TestWithoutRetry:
 class TestIdleReopen:
     @pytest.fixture
     def app_env(self, events_server):
+        # 8 runs at once over 5 accounts may put 5 on one: no account limit, this is about streams.
         return dict(events_env(events_server), BUS_EVENTS_LISTENER_IDLE_TIMEOUT="100ms",
-                    BUS_CONTAINERS_REQUEST_TIMEOUT="20s")
+                    BUS_CONTAINERS_REQUEST_TIMEOUT="20s", BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT="0")
 
     def test_reopens_while_replies_flow_lose_none_of_500(self, app, client, events_server, monkeypatch):
         from bus_containers_provider.bus.listener import Listener
