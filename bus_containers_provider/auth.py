@@ -4,6 +4,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from flask import current_app, g, request
 from joserfc import jwt
@@ -166,15 +167,15 @@ def _bearer() -> str:
     return token.strip()
 
 
-def requires(scope: str, audience: str = PUBLIC_AUDIENCE):
-    """Route guard: a valid token for `audience` (else 401) holding `scope` (else 403)."""
+def requires(scope: Optional[str], audience: str = PUBLIC_AUDIENCE):
+    """Route guard: a valid token for `audience` (else 401) holding `scope` (else 403); None: any scope."""
 
     def decorator(view):
         @functools.wraps(view)
         def guarded(*args, **kwargs):
             verifier = current_app.extensions["bus_containers"].verifier
             principal = verifier.verify(_bearer(), audience)
-            if scope not in principal.scopes:
+            if scope is not None and scope not in principal.scopes:
                 raise Forbidden(f"the token lacks the {scope} scope")
             g.principal = principal
             return view(*args, **kwargs)

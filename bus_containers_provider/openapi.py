@@ -17,6 +17,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app, jsonify
 
 from . import schemas
+from .auth import requires
 from .config import INTERNAL_AUDIENCE, PUBLIC_AUDIENCE, Settings
 
 OPENAPI_PATH = "/api/v1/containers/openapi.json"
@@ -263,10 +264,10 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
         "readyz", "Readiness", "200 when every reply listener the enabled backends need is connected. No auth.",
         "health", {200: _ok("Ready.", "Ready")}, (405, 503), secured=False)})
     spec.path(path=OPENAPI_PATH, operations={"get": _operation(
-        "getOpenapi", "This document", "The OpenAPI 3 document of this provider. No auth.", "meta",
-        {200: {"description": "The OpenAPI document.",
-               "content": {"application/json": {"schema": {"type": "object"}}}}},
-        (405,), secured=False)})
+        "getOpenapi", "This document", "The OpenAPI 3 document of this provider. Token audience `ai.hg.fi/api`, any scope.",
+        "meta", {200: {"description": "The OpenAPI document.",
+                       "content": {"application/json": {"schema": {"type": "object"}}}}},
+        (401, 405))})
     return spec.to_dict()
 
 
@@ -300,6 +301,7 @@ def init_app(app) -> None:
 
 
 @bp.get(OPENAPI_PATH)
+@requires(None)
 def openapi_json():
-    """The OpenAPI document; no auth, like /readyz."""
+    """The OpenAPI document: CONTRACT §2 exempts only /readyz, so it takes a token (any scope)."""
     return jsonify(current_app.extensions[EXTENSION])

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 
 import processes
 from bus_containers_provider import create_app, openapi, schemas
-from conftest import ALL_PUBLIC_SCOPES, INTERNAL, bearer, env
+from conftest import ALL_PUBLIC_SCOPES, INTERNAL, assert_error, bearer, env
 from fuzzing import examples
 
 OPENAPI_PATH = "/api/v1/containers/openapi.json"
@@ -36,7 +36,7 @@ EXPECTED = {
     RUN: {"get": {200, 404} | BACKEND_ERRORS, "delete": {200, 404} | BACKEND_ERRORS},
     RUNNER: {"get": {200} | BACKEND_ERRORS, "post": {202} | BACKEND_ERRORS, "delete": {200} | BACKEND_ERRORS},
     "/readyz": {"get": {200, 405, 503}},
-    OPENAPI_PATH: {"get": {200, 405}},
+    OPENAPI_PATH: {"get": {200, 401, 405}},
 }
 SCOPES = {
     ("/api/v1/containers/status", "get"): "container:read",
@@ -45,12 +45,12 @@ SCOPES = {
     (RUN, "get"): "container:read",
     (RUN, "delete"): "container:delete",
 }
-UNAUTHENTICATED = {("/readyz", "get"), (OPENAPI_PATH, "get")}
+UNAUTHENTICATED = {("/readyz", "get")}
 
 
 @pytest.fixture
 def document(client):
-    response = client.get(OPENAPI_PATH)
+    response = client.get(OPENAPI_PATH, headers=bearer())
     assert response.status_code == 200
     return response.get_json()
 
@@ -73,8 +73,8 @@ def resolve(document, node):
 # --------------------------------------------------------------------------- (a) the document
 
 
-def test_served_without_auth_as_json(client):
-    response = client.get(OPENAPI_PATH)
+def test_served_as_json_to_any_public_token(client):
+    response = client.get(OPENAPI_PATH, headers=bearer(scope=""))
     assert response.status_code == 200
     assert response.mimetype == "application/json"
     assert response.get_json()["openapi"].startswith("3.")
@@ -150,7 +150,9 @@ def test_security(document):
             assert INTERNAL in operation["description"] and "container:admin" in operation["description"]
         else:
             assert "ai.hg.fi/api" in operation["description"]
-            assert f"`{SCOPES[path, method]}`" in operation["description"], (method, path)
+            # The document itself takes any scope.
+            scope = f"`{SCOPES[path, method]}`" if path != OPENAPI_PATH else "any scope"
+            assert scope in operation["description"], (method, path)
 
 
 def test_component_shapes_follow_the_contract(document):
@@ -192,9 +194,16 @@ def test_timeout_maximum_follows_configuration(document):
     assert document["components"]["schemas"]["RunRequest"]["properties"]["timeout_seconds"]["maximum"] == 600
 
 
+@pytest.mark.parametrize("headers", [{}, bearer(audience=INTERNAL), {"Authorization": "Bearer x.y.z"}],
+                         ids=["no token", "internal audience", "bad token"])
+def test_the_document_takes_a_public_token(client, headers):
+    """CONTRACT §2: every endpoint except /readyz needs a bearer token; this one, of the public audience."""
+    assert_error(client.get(OPENAPI_PATH, headers=headers), 401, "invalid_auth")
+
+
 def test_built_once_per_app(app, client):
     first = app.extensions[openapi.EXTENSION]
-    assert client.get(OPENAPI_PATH).get_json() == first
+    assert client.get(OPENAPI_PATH, headers=bearer()).get_json() == first
     assert app.extensions[openapi.EXTENSION] is first
     assert create_app(env()).extensions[openapi.EXTENSION] is not first
 
@@ -216,7 +225,7 @@ def live():
 
 
 def test_live_provider_serves_the_document(live):
-    response = requests.get(live + OPENAPI_PATH, timeout=5)
+    response = requests.get(live + OPENAPI_PATH, headers=bearer(), timeout=5)
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/json"
     validate_openapi(response.json())
@@ -224,7 +233,7 @@ def test_live_provider_serves_the_document(live):
 
 @pytest.fixture(scope="module")
 def live_schema(live):
-    return schemathesis.openapi.from_url(live + OPENAPI_PATH, timeout=5)
+    return schemathesis.openapi.from_url(live + OPENAPI_PATH, headers=bearer(), timeout=5)
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,

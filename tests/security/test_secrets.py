@@ -134,7 +134,7 @@ def test_neither_secret_shows_anywhere_outside_the_environment(events_server, re
         url = process.url
         bodies = []
         for response in (
-            requests.get(f"{url}/api/v1/containers/openapi.json", timeout=10),
+            requests.get(f"{url}/api/v1/containers/openapi.json", headers=bearer(), timeout=10),
             requests.get(f"{url}/api/v1/containers/status", headers=bearer(), timeout=10),
             requests.get(f"{url}/api/v1/containers/status", timeout=10),
             requests.get(f"{url}/api/v1/containers/status", timeout=10,
