@@ -1,4 +1,5 @@
 """The per-app parts (settings, verifier, backend, usage, billing, run controls, Events bus) and the run flow."""
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -8,13 +9,16 @@ from .auth import TokenVerifier
 from .backends import Backend, RunRequest, Watch, create_backend
 from .backends.base import check_owner
 from .billing import EventsBilling, NoBilling
+from .bus.client import EventsError
 from .config import Settings
 from .controls import RunControls, fingerprint, never
-from .errors import RunCancelled, as_provider_error, error_body
+from .errors import ProviderError, RunCancelled, as_provider_error, error_body
 from .results import CANCELLED, ERROR, settle
 from .schemas import run_answer_schema
 from .state import create_store
 from .usage import FAILED, FINISHED, REQUESTED, EventsUsage, MemoryUsage, NoUsage, usage_event
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,12 @@ class Provider:
             result = check_owner(self.backend.run(run, watch), run.owner_account_id)
         except RunCancelled as exc:
             metrics.run_failed(exc)
-            # Nobody will read this run's result: stop it, and bill nobody for it.
-            self.backend.cancel(run)
+            # Nobody will read this run's result: bill nobody for it, and stop it.
             self.usage.record_later(usage_event(FAILED, run, {"reason": CANCELLED}))
+            try:
+                self.backend.cancel(run)
+            except (ProviderError, EventsError) as error:
+                log.warning("the cancel request for run %s was not published: %s", run.run_id, error)
             raise
         except Exception as exc:
             metrics.run_failed(exc)

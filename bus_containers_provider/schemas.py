@@ -24,15 +24,6 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-class StrictBoolean(fields.Boolean):
-    """JSON true or false, nothing else: truthy={True} alone lets 1 through, since 1 == True."""
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if not isinstance(value, bool):
-            raise self.make_error("invalid")
-        return value
-
-
 class Reply(Schema):
     """What integrations send: fields we do not know are ignored, not refused."""
 
@@ -124,9 +115,9 @@ class RunResultSchema(OwnedReply):
     # Optional in a reply (an integration's own outcome is used only when it is one of ours);
     # always present in an answer, set by results.settle().
     status = fields.String()
-    timed_out = fields.Boolean(truthy={True}, falsy={False}, load_only=True)
-    stdout_truncated = fields.Boolean(truthy={True}, falsy={False}, load_default=False)
-    stderr_truncated = fields.Boolean(truthy={True}, falsy={False}, load_default=False)
+    timed_out = StrictBoolean(load_only=True)
+    stdout_truncated = StrictBoolean(load_default=False)
+    stderr_truncated = StrictBoolean(load_default=False)
 
 
 class RunAnswerSchema(RunResultSchema):

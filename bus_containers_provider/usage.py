@@ -87,6 +87,7 @@ class EventsUsage(NoUsage):
     ATTEMPTS = 6
     BACKLOG = 10_000
     SENDERS = 8
+    IDLE_WAIT = 60.0
     # While flushing, a refused record is tried again after at most this long.
     FLUSH_RETRY_DELAY = 0.5
     # Another process takes over a record once its holder has not renewed it for this long.
@@ -211,7 +212,8 @@ class EventsUsage(NoUsage):
                     return item
                 if self._flush_by is not None:
                     wait = min(wait, self._flush_by - now)
-                self._wake.wait(wait)
+                # Every wait is bounded; a new record or stop() wakes it sooner.
+                self._wake.wait(self.IDLE_WAIT if wait is None else wait)
 
     def _send_timeout(self) -> float:
         with self._wake:

@@ -71,6 +71,7 @@ def test_stream_yields_envelopes_and_skips_junk(client):
         json.dumps({"id": "1", "name": "a.response", "correlationId": "c1", "payload": {"s": "x\u2028y"}},
                    ensure_ascii=False),
         "not json", "[1, 2]", "", '{"id": "x", "payload": {"n": NaN}}', '{"id": "y", "payload": Infinity}',
+        "[" * 200_000,  # nested past the parser's recursion limit, far under the line cap
         json.dumps({"id": "2", "name": "a.response", "correlation_id": "c2", "payload": {}}),
     ]
     responses.get(STREAM, body="\n".join(lines).encode() + b"\n", content_type="application/x-ndjson")

@@ -181,3 +181,11 @@ def test_an_unexpected_error_through_gunicorn_is_the_json_envelope():
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"error": {"type": "internal_error", "message": "internal error"}}
     assert "RuntimeError: a bug with a secret" in process.output
+
+
+@pytest.mark.parametrize("flag", ["timed_out", "stdout_truncated", "stderr_truncated"])
+@pytest.mark.parametrize("value", [1, 0, "true", None])
+def test_a_run_reply_flag_must_be_a_json_boolean(flag, value):
+    """§3: a wrongly typed field is a malformed reply (502); 1 == True must not pass for true."""
+    with pytest.raises(BadGateway):
+        ACTIONS["run"][0](EventsBackend(AnsweringBus({"payload": {**RUN_RESULT, flag: value}}), SETTINGS))

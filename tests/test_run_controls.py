@@ -280,3 +280,36 @@ def test_an_unreachable_store_refuses_the_run_before_it_starts(app, client):
     response = post(client, key="no-store")
     assert response.status_code == 503 and int(response.headers["Retry-After"]) >= 1
     assert client.get(RUNS, headers=bearer()).get_json()["items"] == []
+
+
+class TestCancelWithTheEventsApiDown:
+    @pytest.fixture
+    def app_env(self, events_server):
+        return events_env(events_server, BUS_CONTAINERS_USAGE_BACKEND="memory")
+
+    def test_a_cancelled_run_is_recorded_failed_even_when_its_cancel_cannot_be_published(
+            self, app, events_server, responder):
+        """§7: the caller gone, the run is recorded cancelled whether or not the delete request gets out."""
+        from bus_containers_provider.backends import RunRequest
+        from bus_containers_provider.errors import RunCancelled
+
+        provider = connected(app).extensions["bus_containers"]
+        run = RunRequest(run_id="run_gone", owner_account_id="acct-a", profile="never", command=["x"],
+                         timeout_seconds=20)
+        left = threading.Event()
+
+        def gone():
+            return "the caller went away" if left.is_set() else None
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with app.app_context():
+                waiting = pool.submit(provider.run, run, None, gone)
+                assert events_server.wait_published(RUN_NAME, 1, timeout=5)
+                events_server.fail_publish(503)  # the delete request will not get out
+                left.set()
+                with pytest.raises(RunCancelled):
+                    waiting.result(timeout=10)
+        events_server.reset_faults()
+        failed = [r for r in provider.usage.records if r["event_type"] == "container_run_failed"]
+        assert [(r["data"]["run_id"], r["data"]["reason"]) for r in failed] == [("run_gone", "cancelled")]
+        assert all(e["name"] != "bus.containers.delete.request" for e in events_server.published())

@@ -98,15 +98,36 @@ def test_a_reply_never_published_is_answered_at_the_runs_deadline(app, client, e
 class TestWithoutRetry:
     @pytest.fixture
     def app_env(self, events_server):
-        return dict(events_env(events_server), BUS_EVENTS_LISTENER_RETRY="0")
+        return dict(events_env(events_server), BUS_EVENTS_LISTENER_RETRY="0", BUS_EVENTS_LISTENER_DOWN_GRACE="5s")
 
     def test_a_dropped_stream_fails_its_waiters_after_the_down_grace(self, app, client, events_server):
         thread, box = start_run(client, timeout_seconds=30)
         events_server.wait_published(RUN_REQUEST, count=1)
         take_stream_down(app, events_server)
-        thread.join(15)  # the down grace (1 s), not the 62 s run wait
+        # Its one reopen refused, the listener stays down; the waiter still waits out the grace.
+        listener = bus(app)._listeners[RUN_REPLY]
+        listener.join(5)
+        assert not listener.is_alive()
+        assert thread.is_alive() and bus(app).registry.pending(RUN_REPLY) == 1
+        thread.join(15)  # the down grace (5 s), not the 32 s run wait
         assert not thread.is_alive() and box["response"].status_code == 503
         assert bus(app).registry.pending() == 0
+
+
+class TestDownPastTheGrace:
+    @pytest.fixture
+    def app_env(self, events_server):
+        return dict(events_env(events_server), BUS_EVENTS_LISTENER_DOWN_GRACE="3s")
+
+    def test_a_request_on_a_stream_down_past_its_grace_is_refused_at_once(self, app, client, events_server):
+        take_stream_down(app, events_server)
+        wait_until(lambda: bus(app).registry.is_down(RUN_REPLY), what="the down grace ending")
+        before = len(events_server.published())
+        started = time.monotonic()
+        response = client.post(RUNS, headers=bearer(), json={"profile": "codex", "args": ["x"], "timeout_seconds": 5})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert time.monotonic() - started < 3  # not a second down grace
+        assert len(events_server.published()) == before  # usage and billing are off: nothing at all
 
 
 class TestIdleReopen:

@@ -80,7 +80,7 @@ class Bus:
         `cancelled` is asked while waiting, and a reason it returns ends the
         wait with RunCancelled.
         """
-        with backend_timer(), metrics.reply_timer(reply_name_for(request_name)):
+        with backend_timer():
             return self._request(request_name, payload, timeout, published, cancelled)
 
     def notify(self, request_name: str, payload: dict) -> None:
@@ -92,7 +92,9 @@ class Bus:
         listener = self._listeners.get(reply_name)
         # Never publish while the reply stream is closed (start-up, a reconnect):
         # the reply would be lost and the caller would wait out the whole timeout.
-        if listener is None or not listener.wait_connected(self._settings.listener_down_grace):
+        # A stream already past its down grace is refused at once, not after another grace.
+        if listener is None or self.registry.is_down(reply_name) \
+                or not listener.wait_connected(self._settings.listener_down_grace):
             raise ListenerDown(f"the {reply_name} listener is not connected")
         correlation_id = str(uuid.uuid4())
         waiter = self.registry.register(reply_name, correlation_id)
@@ -110,6 +112,7 @@ class Bus:
                 raise
             if published is not None:
                 published()
-            return waiter.wait(timeout, cancelled)
+            with metrics.reply_timer(reply_name):  # §8: from the publish to the reply
+                return waiter.wait(timeout, cancelled)
         finally:
             self.registry.discard(waiter)

@@ -180,7 +180,7 @@ def _parse(line: bytes, name: str) -> Optional[dict]:
     try:
         # NaN and Infinity are not JSON: passing them on would make our own answers invalid JSON.
         envelope = json.loads(line, parse_constant=_refuse_constant)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting too: one bad line must not end the stream
         envelope = None
     if not isinstance(envelope, dict):
         log.warning("ignoring a line that is not a JSON envelope on the %s stream", name)

@@ -211,7 +211,8 @@ class Listener(threading.Thread):
     def _stay_down(self, reason: str) -> None:
         log.error("the %s listener stays down (BUS_EVENTS_LISTENER_RETRY is not set)", self.reply_name)
         with self._state_lock:
-            self._cancel_grace()
+            if self._grace_timer is not None:
+                return  # a stream that dropped: its waiters fail when the down grace ends (§5)
             self._registry.mark_down(self.reply_name, reason)
 
     def _up(self, replacing: bool) -> None:

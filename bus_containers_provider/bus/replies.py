@@ -139,6 +139,10 @@ class ReplyRegistry:
         for waiter in failed:
             waiter._complete(error=error)
 
+    def is_down(self, reply_name: str) -> bool:
+        with self._lock:
+            return reply_name in self._down
+
     def mark_up(self, reply_name: str) -> None:
         with self._lock:
             self._down.pop(reply_name, None)
