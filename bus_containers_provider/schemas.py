@@ -9,6 +9,9 @@ from marshmallow import (
 MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Run ids the provider and integrations hand out: letters, digits and ._:- (the request id's
+# alphabet), up to 128 characters, not starting with a dot.
+RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
 MAX_COMMAND_ITEMS = 1024
 MAX_COMMAND_BYTES = 128 * 1024
 # The outcomes a run result may carry (§7 "Outcome status").
