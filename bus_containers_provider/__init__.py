@@ -14,7 +14,8 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
     Nothing here starts a thread or opens a socket; `start(app)` does, per worker.
     """
     settings = config if isinstance(config, Settings) else load_settings(config)
-    app = Flask(__name__)
+    # No static files: Flask's default /static/<path> rule would be a route outside every guard.
+    app = Flask(__name__, static_folder=None)
     # Every answer is the JSON contract: no automatic OPTIONS page, no HTML slash redirects.
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, PROVIDE_AUTOMATIC_OPTIONS=False)
     app.url_map.merge_slashes = False

@@ -175,8 +175,9 @@ RUN_ID = {
     "name": "run_id",
     "in": "path",
     "required": True,
-    "description": "A run id as answered by POST /api/v1/containers/runs (`run_...`).",
-    "schema": {"type": "string", "minLength": 1},
+    "description": "A run id as answered by POST /api/v1/containers/runs (`run_...`); "
+                   "any other shape is no run of anyone's (404).",
+    "schema": {"type": "string", "pattern": "^" + schemas.RUN_ID.pattern + "$"},
 }
 
 

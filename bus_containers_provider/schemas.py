@@ -9,6 +9,9 @@ from marshmallow import (
 MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Run ids the provider and integrations hand out: letters, digits and ._:- (the request id's
+# alphabet), up to 128 characters, not starting with a dot.
+RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
 MAX_COMMAND_ITEMS = 1024
 MAX_COMMAND_BYTES = 128 * 1024
 # The outcomes a run result may carry (§7 "Outcome status").
@@ -49,6 +52,22 @@ class EnvField(fields.Dict):
         return dict(value)
 
 
+class WholeNumber(fields.Integer):
+    """A JSON integer, read as JSON Schema reads one: 148 and 148.0 are the same number.
+
+    The OpenAPI document publishes `type: integer`, which 148.0 satisfies, so a client or fuzzer
+    generated from it may send that; 1.5, true, "148" and infinities stay refused.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._validated(value)
+
+
 class RunRequestSchema(Schema):
     """Body of POST /runs: a profile and/or an image, and the command to run."""
 
@@ -59,7 +78,7 @@ class RunRequestSchema(Schema):
     image = fields.String(validate=validate.Length(min=1, max=1024))
     command = fields.List(fields.String(), validate=validate.Length(max=MAX_COMMAND_ITEMS))
     args = fields.List(fields.String(), validate=validate.Length(max=MAX_COMMAND_ITEMS))
-    timeout_seconds = fields.Integer(strict=True, validate=validate.Range(min=0))
+    timeout_seconds = WholeNumber(validate=validate.Range(min=0))
     # env and stdin go to the backend and nowhere else: no error message ever quotes them.
     env = EnvField(keys=fields.String(), values=fields.String())
     stdin = fields.String(error_messages={"invalid": "stdin must be a string"})

@@ -373,6 +373,28 @@ def test_unit_runs_the_console_script_hardened_and_from_the_env_file():
             assert argument.split("=", 1)[0] in documented, argument
 
 
+# README "Open files", as an operator reads it; the test holds it to the code that needs the files.
+FD_FORMULA = "LimitNOFILE >= max(1000, 2 × threads) + threads + 256"
+
+
+def documented_fds(threads: int) -> int:
+    return max(1000, 2 * threads) + threads + 256
+
+
+def test_unit_open_files_fit_the_documented_formula():
+    from bus_containers_provider.serving import _fds_per_worker
+
+    assert FD_FORMULA in (ROOT / "README.md").read_text()
+    limit = int(read_unit()["Service"]["LimitNOFILE"])
+    for threads in (1, 32, 499, 500, 501, 2000):
+        settings = load_settings({"BUS_CONTAINERS_JWT_SECRET": SECRET, "BUS_CONTAINERS_THREADS": str(threads)})
+        assert _fds_per_worker(settings) == documented_fds(threads), threads
+    # The unit fits what the env example configures, and the largest figure the README promises.
+    assert limit >= documented_fds(example_settings().threads)
+    assert limit >= documented_fds(5000)
+    assert "fits up to 5,000 threads" in (ROOT / "README.md").read_text()
+
+
 def test_unit_holds_no_secret():
     for number, line in enumerate(UNIT.read_text().splitlines(), 1):
         assert not re.search(r"(JWT_SECRET|BUS_API_TOKEN)\s*=", line), f"line {number}: {line}"

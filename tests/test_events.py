@@ -96,7 +96,7 @@ def test_status_is_filtered_to_the_caller(client):
 def test_delete_own_foreign_and_unknown(client):
     mine = run(client).get_json()["run_id"]
     foreign = client.delete(f"{RUNS}/{mine}", headers=bearer("acct-b"))
-    assert foreign.status_code == 403 and error_type(foreign) == "forbidden"
+    assert foreign.status_code == 404 and error_type(foreign) == "not_found"
     assert mine.encode() not in foreign.data
     deleted = client.delete(f"{RUNS}/{mine}", headers=bearer())
     assert deleted.status_code == 200

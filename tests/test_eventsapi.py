@@ -394,8 +394,9 @@ def test_responder_status_and_delete(server, stream, responder):
     delete = "bus.containers.delete.request"
     theirs, _ = request_reply(server, stream, delete,
                               {"run_id": payload["run_id"], "owner_account_id": "acct-2"})
-    assert theirs["payload"]["deleted"] is False
-    assert theirs["payload"]["owner_account_id"] == "acct-1"
+    # Another owner's run is as unknown as a missing one, and stays.
+    assert theirs["error"]["type"] == "not_found"
+    assert "acct-1" not in json.dumps(theirs)
     mine, _ = request_reply(server, stream, delete,
                             {"run_id": payload["run_id"], "owner_account_id": "acct-1"})
     assert mine["payload"] == {"deleted": True, "run_id": payload["run_id"],

@@ -58,7 +58,7 @@ json_values = st.recursive(
     max_leaves=25,
 )
 
-FIELDS = ["profile", "image", "command", "args", "timeout_seconds",
+FIELDS = ["profile", "image", "command", "args", "timeout_seconds", "env", "stdin",
           "owner_account_id", "account_id", "owner_identity_id", "run_id", "sub"]
 field_dicts = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=len(FIELDS))
 
@@ -209,7 +209,12 @@ run_field_values = {
     "image": st.one_of(st.text(min_size=1, max_size=30), json_values),
     "command": st.one_of(st.lists(st.text(max_size=10), min_size=1, max_size=4), json_values),
     "args": st.one_of(st.lists(st.text(max_size=10), max_size=4), json_values),
-    "timeout_seconds": st.one_of(st.integers(min_value=-5, max_value=4000), json_values),
+    "timeout_seconds": st.one_of(st.integers(min_value=-5, max_value=4000),
+                                 st.integers(min_value=0, max_value=4000).map(float), json_values),
+    # CONTRACT §7: at most 64 names of [A-Za-z_][A-Za-z0-9_]*, string values, 32 KiB in all.
+    "env": st.one_of(st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True),
+                                     st.text(max_size=10), max_size=4), json_values),
+    "stdin": st.one_of(st.text(max_size=40), json_values),
     "owner_account_id": st.one_of(st.just("acct-evil"), json_values),
     "account_id": st.one_of(st.just("acct-evil"), json_values),
     "owner_identity_id": st.just("acct-evil"),

@@ -179,3 +179,13 @@ def test_wrong_methods_are_json_405_with_allow(client, method, path):
 def test_readyz_needs_no_token(client):
     response = client.get("/readyz")
     assert response.status_code == 200 and response.get_json() == {"ok": True}
+
+
+def test_an_integral_float_timeout_is_that_integer(client):
+    # JSON Schema's integer (the published document says `type: integer`) includes 148.0; 148.5 is no integer.
+    for sent in (148.0, 0.0, 3600.0):
+        response = client.post(RUNS, headers=bearer(), json={"profile": "codex", "timeout_seconds": sent})
+        assert response.status_code == 200, response.get_data(as_text=True)
+    for sent in (148.5, 3601.0, -1.0, 1e300):
+        assert_error(client.post(RUNS, headers=bearer(), json={"profile": "codex", "timeout_seconds": sent}),
+                     400, "bad_request")

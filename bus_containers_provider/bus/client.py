@@ -87,7 +87,9 @@ class EventsClient:
     def publish(self, name: str, correlation_id: str, payload: dict) -> None:
         body = {"name": name, "correlationId": correlation_id, "payload": payload}
         try:
-            response = self._session().post(self._url, json=body, headers=self._headers, timeout=self._timeouts)
+            # Never follow a redirect: the token and the payload go to the configured origin or nowhere.
+            response = self._session().post(self._url, json=body, headers=self._headers, timeout=self._timeouts,
+                                            allow_redirects=False)
         except requests.Timeout as exc:
             raise EventsUnavailable(f"publishing {name} timed out") from exc
         except requests.RequestException as exc:
@@ -105,7 +107,7 @@ class EventsClient:
             params["follow"] = "false"
         try:
             response = session.get(f"{self._url}/stream", params=params, headers=self._headers, stream=True,
-                                   timeout=(self._connect_timeout, read_timeout))
+                                   timeout=(self._connect_timeout, read_timeout), allow_redirects=False)
         except requests.RequestException as exc:
             raise EventsUnavailable(f"opening the {name} stream failed: {type(exc).__name__}") from exc
         try:
@@ -191,6 +193,10 @@ def _parse(line: bytes, name: str) -> Optional[dict]:
 def _check(response: requests.Response, what: str) -> None:
     if response.status_code in (200, 202):
         return
+    if 300 <= response.status_code < 400:
+        # Followed, a redirect would carry the provider's token and payloads to wherever it points.
+        raise EventsUnavailable(f"{what}: the Events API answered {response.status_code}, a redirect, which is "
+                                "not followed (set BUS_EVENTS_API_URL to the Events API itself)")
     if 400 <= response.status_code < 500:
         raise EventsRejected(response.status_code, f"{what}: the Events API answered {response.status_code}")
     raise EventsUnavailable(f"{what}: the Events API answered {response.status_code}")

@@ -8,11 +8,18 @@ from .. import metrics
 from ..auth import requires
 from ..backends import RunRequest
 from ..controls import caller_gone, parse_key
-from ..errors import BadRequest, UnsupportedMediaType
+from ..errors import BadRequest, RunNotFound, UnsupportedMediaType
 from ..logs import new_id
-from ..schemas import delete_result_schema, items_schema, run_request_schema, status_item_schema
+from ..schemas import RUN_ID, delete_result_schema, items_schema, run_request_schema, status_item_schema
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/containers")
+
+
+def _run_id(run_id: str) -> str:
+    # Anything else (NUL, "..", 10 KB) is no run of anyone's: not found, without asking a backend.
+    if not RUN_ID.fullmatch(run_id):
+        raise RunNotFound()
+    return run_id
 
 
 def _provider():
@@ -84,11 +91,11 @@ def list_runs():
 @requires("container:read")
 def read_run(run_id):
     """One of the caller's runs; another account's run id is not found."""
-    return status_item_schema.dump(_provider().backend.get_run(g.principal.account, run_id))
+    return status_item_schema.dump(_provider().backend.get_run(g.principal.account, _run_id(run_id)))
 
 
 @bp.delete("/runs/<run_id>")
 @requires("container:delete")
 def delete_run(run_id):
     """Delete or cancel one of the caller's runs."""
-    return delete_result_schema.dump(_provider().backend.delete(g.principal.account, run_id))
+    return delete_result_schema.dump(_provider().backend.delete(g.principal.account, _run_id(run_id)))

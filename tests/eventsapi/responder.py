@@ -378,10 +378,11 @@ class Responder:
             run = self._runs.get(run_id)
             if run is not None and run["owner"] == owner:
                 del self._runs[run_id]
-        if run is None:
+        # Like a real integration, another owner's run is as unknown as a missing one; the
+        # provider's own check of a reply naming another owner is tested with crafted replies.
+        if run is None or run["owner"] != owner:
             return _Reply({}, error={"type": "not_found", "message": "run not found"})
-        return _Reply({"deleted": run["owner"] == owner, "run_id": run_id,
-                       "owner_account_id": run["owner"]})
+        return _Reply({"deleted": True, "run_id": run_id, "owner_account_id": owner})
 
     def _on_usage(self, payload):
         with self._lock:

@@ -2,7 +2,6 @@
 secret (it, nor the JWT key) shows in a command line, a log line, an error body or the OpenAPI
 document. A plain-http Events URL to another host is warned about at start-up.
 """
-import contextlib
 import json
 import logging
 import threading
@@ -12,7 +11,7 @@ import pytest
 import requests
 
 import processes
-from bus_containers_provider.bus.client import EventsClient, EventsError
+from bus_containers_provider.bus.client import EventsClient, EventsUnavailable
 from bus_containers_provider.config import load_settings
 from bus_containers_provider.serving import gunicorn_options
 from conftest import EVENTS_TOKEN, SECRET, bearer, env, events_env, token
@@ -84,17 +83,16 @@ def test_a_redirect_never_carries_the_token_to_another_origin(elsewhere, host):
     origin = Recorder(redirect)
     try:
         client = EventsClient(f"http://127.0.0.1:{origin.port}", PROVIDER_TOKEN)
-        # Following the redirect or refusing it are both safe, as long as the token stays behind.
-        with contextlib.suppress(EventsError):
+        # A redirect is not followed: the answer is an error an operator can read, and nothing goes elsewhere.
+        with pytest.raises(EventsUnavailable, match="redirect"):
             client.publish("bus.containers.status.request", "c-1", {"owner_account_id": "acct-a"})
-        with contextlib.suppress(EventsError):
-            list(client.stream("bus.containers.status.response", idle_timeout=2))
+        with pytest.raises(EventsUnavailable, match="redirect"):
+            client.open_stream("bus.containers.status.response", read_timeout=2)
         client.close()
     finally:
         origin.close()
     assert origin.seen and all(h.get("Authorization") == f"Bearer {PROVIDER_TOKEN}" for _, _, h in origin.seen)
-    for _, _, headers in elsewhere.seen:
-        assert "Authorization" not in headers and PROVIDER_TOKEN not in json.dumps(headers)
+    assert elsewhere.seen == []
 
 
 def starting_warnings(caplog, url):
