@@ -21,8 +21,10 @@ from bus_containers_provider.errors import OwnerMismatch
 from conftest import INTERNAL, PUBLIC, SECRET, AnsweringBus, bearer, connected, env, events_env
 
 RUNS = "/api/v1/containers/runs"
-# Reachable without a token, on purpose: readiness probes and the published API description.
-OPEN_RULES = {"/readyz", "/api/v1/containers/openapi.json"}
+# Reachable without a token, on purpose: readiness probes (CONTRACT §2: the only one).
+OPEN_RULES = {"/readyz"}
+# Any valid token of its audience opens it, whatever its scopes: the API's own description.
+ANY_SCOPE_RULES = {"/api/v1/containers/openapi.json"}
 REAL_SCOPES = ["container:read", "container:run", "container:delete", "container:admin"]
 # Near misses of every real scope: none of them is a real scope, so none may open anything.
 NEAR_MISSES = ["container:runner", "container:run:x", "CONTAINER:RUN", "Container:Read", "container:*",
@@ -166,7 +168,7 @@ def test_each_guarded_rule_opens_for_exactly_its_own_audience(inventory_app):
 def test_near_miss_scopes_open_no_rule(inventory_app):
     client = inventory_app.test_client()
     for rule, method, path in _routes(inventory_app):
-        if rule in OPEN_RULES:
+        if rule in OPEN_RULES | ANY_SCOPE_RULES:
             continue
         audience = INTERNAL if rule.startswith("/api/internal/") else PUBLIC
         response = _call(client, method, path, _jwt(audience, " ".join(NEAR_MISSES)))
