@@ -206,3 +206,69 @@ class TestRegistry:
         assert "private-output" not in caplog.text
         assert not registry.resolve("a.response", {"correlationId": "never-ours"})  # another process's
         assert len(caplog.records) == 1
+
+
+class TestUnwanted:
+    """The registry's check that lets a stream reader drop another process's reply without parsing it."""
+
+    @pytest.fixture
+    def registry(self):
+        registry = ReplyRegistry()
+        registry.register("a.response", "ours")
+        return registry
+
+    @staticmethod
+    def line(**envelope) -> bytes:
+        return json.dumps({"id": "1", "name": "a.response", **envelope}, separators=(",", ":")).encode()
+
+    def test_another_process_reply_is_unwanted(self, registry):
+        assert registry.unwanted(self.line(correlationId="theirs", payload={"stdout": "x"}))
+        assert registry.unwanted(b'{"correlation_id" : "theirs", "payload": {}}')
+
+    @pytest.mark.parametrize("line", [
+        # Our own id, at the top level or only nested (the parse decides which key counts).
+        b'{"correlationId":"ours","payload":{}}',
+        b'{"payload":{"correlationId":"theirs"},"correlationId":"ours"}',
+        b'{"correlationId":"theirs","payload":{"correlation_id":"ours"}}',
+        # An escaped value, or a \\u escape anywhere: a key could be spelt with one.
+        b'{"correlationId":"th\\"eirs","payload":{}}',
+        b'{"correlation\\u0049d":"ours","payload":{"correlationId":"theirs"}}',
+        # No key with a plain string value: a malformed line is parsed, and logged as one.
+        b'{"correlationId":7,"payload":{}}', b'not json', b'{"id":"1"}',
+        b'{"correlationId":"\xff\xfe","payload":{}}',
+    ])
+    def test_anything_that_may_be_ours_or_malformed_is_parsed(self, registry, line):
+        assert not registry.unwanted(line)
+
+    def test_a_late_reply_is_still_parsed_so_it_is_logged(self, registry):
+        waiter = registry.register("a.response", "gave-up")
+        registry.discard(waiter)  # expired: its reply is logged once when it comes
+        assert not registry.unwanted(self.line(correlationId="gave-up", payload={}))
+        answered = registry.register("a.response", "answered")
+        registry.resolve("a.response", {"correlationId": "answered"})
+        registry.discard(answered)
+        assert registry.unwanted(self.line(correlationId="answered", payload={}))  # a copy: dropped silently
+
+    def test_envelopes_skip_unwanted_lines_unparsed(self, registry, caplog):
+        import io
+
+        from bus_containers_provider.bus.client import envelopes
+
+        body = b"\n".join([b'{"correlationId":"theirs","payload":{"n":NaN}}',
+                           self.line(correlationId="ours", payload={"n": 1}), b"not json"]) + b"\n"
+        got = list(envelopes(io.BytesIO(body), "a.response", unwanted=registry.unwanted))
+        assert [e["correlationId"] for e in got] == ["ours"]
+        # The NaN line was another's and never parsed; the junk line still is, and is logged.
+        assert caplog.text.count("not a JSON envelope") == 1
+
+
+def test_sessions_read_no_proxy_or_netrc_from_the_environment(client, monkeypatch, tmp_path):
+    # A proxy variable pointing nowhere would fail every publish if it were read.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    from bus_containers_provider.bus.client import new_session
+
+    session = new_session()
+    assert session.trust_env is False
+    assert session.verify == str(tmp_path / "ca.pem")  # a private CA bundle is still honoured
+    assert client._session().trust_env is False

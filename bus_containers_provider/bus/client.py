@@ -1,6 +1,7 @@
 """Bus Events API client: publish events and read NDJSON reply streams (requests)."""
 import json
 import logging
+import os
 import threading
 from typing import Callable, Iterator, Optional
 
@@ -55,6 +56,22 @@ class EventsRejected(EventsError):
         return self.status in self.MALFORMED
 
 
+def new_session() -> requests.Session:
+    """A Session that reads no proxy settings or .netrc from the environment on every request.
+
+    With trust_env (requests' default) each publish looks up proxy variables,
+    no_proxy and ~/.netrc again. The Events API is reached directly with our
+    own bearer; a private CA bundle named by REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE is still used, read once here.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    return session
+
+
 class EventsClient:
     """Publishes with one Session per thread; streams with a Session per listener."""
 
@@ -73,7 +90,7 @@ class EventsClient:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = new_session()
             with self._lock:
                 self._sessions.append(session)
         return session
@@ -128,8 +145,12 @@ class EventsClient:
             yield from envelopes(response.raw, name)
 
 
-def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None) -> Iterator[dict]:
+def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None,
+              unwanted: Callable[[bytes], bool] = lambda line: False) -> Iterator[dict]:
     """Envelopes read from a stream's raw body until it ends; `touched` is called for every chunk read.
+
+    A line for which `unwanted` is true is dropped unparsed (the registry's
+    check for another process's reply: cheaper than json.loads of a whole result).
 
     A read timeout is a quiet end. A line over MAX_LINE_BYTES is dropped while
     it is read, never held whole, and the stream carries on after it.
@@ -155,7 +176,7 @@ def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None) -> Ite
                 _too_long(name)
             else:
                 line += chunk[start:end]
-                envelope = _parse(line, name) if line.strip() else None
+                envelope = _parse(line, name) if line.strip() and not unwanted(line) else None
                 if envelope is not None:
                     yield envelope
             discarding, line, start = False, bytearray(), end + 1

@@ -1,5 +1,6 @@
 """Correlation id -> waiter: the one place replies meet the requests that wait for them."""
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +18,8 @@ CANCEL_POLL_SECONDS = 0.5
 # is told apart from a reply that came too late. Oldest are forgotten first.
 REMEMBERED = 20_000
 ANSWERED, EXPIRED = "answered", "expired"
+# A correlation id key with a plain string value, wherever it is in a line; a value with an escape ends at "\".
+_CORRELATION = re.compile(rb'"correlation(?:Id|_id)"\s*:\s*"([^"\\]*)(["\\])')
 
 
 class Waiter:
@@ -116,6 +119,31 @@ class ReplyRegistry:
             return False
         waiter._complete(envelope=envelope)
         return True
+
+    def unwanted(self, line: bytes) -> bool:
+        """True only when a raw reply line is certainly for nobody here, so it need not be parsed.
+
+        Every provider process reads every reply on the shared streams; most
+        are another's. Each occurrence of the key counts (one nested in a
+        payload may come first); an escaped value, a \\u escape anywhere (a key
+        could be spelt with one), a key with no plain string value, or an id
+        whose late reply is still to be logged means "parse it".
+        """
+        if b"\\u" in line:
+            return False
+        found = False
+        with self._lock:
+            for match in _CORRELATION.finditer(line):
+                if match.group(2) == b"\\":
+                    return False
+                try:
+                    correlation_id = match.group(1).decode("utf-8")
+                except UnicodeDecodeError:
+                    return False  # not JSON: the parse says so in the log
+                if correlation_id in self._waiters or self._ended.get(correlation_id) == EXPIRED:
+                    return False
+                found = True
+        return found
 
     def _remember(self, correlation_id: str, outcome: str) -> None:
         self._ended[correlation_id] = outcome
