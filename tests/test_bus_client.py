@@ -118,7 +118,34 @@ def test_repr_never_shows_the_token(client):
     assert TOKEN not in repr(client)
 
 
-def test_publish_sessions_are_per_thread(client):
+@responses.activate
+def test_publishes_borrow_an_idle_session_and_never_share_one_in_use(client):
+    in_flight, second_done = threading.Event(), threading.Event()
+    used = []
+
+    def accept(request):
+        used.append(threading.current_thread().name)
+        if len(used) == 1:  # the first publish stays in flight until the second one is done
+            in_flight.set()
+            assert second_done.wait(10)
+        return 202, {}, json.dumps({"accepted": True})
+
+    responses.add_callback(responses.POST, PUBLISH, callback=accept)
+    first = threading.Thread(target=client.publish, args=("a.request", "c1", {}), name="first")
+    first.start()
+    assert in_flight.wait(10)
+    client.publish("a.request", "c2", {})  # the first one's session is taken: a second is made
+    second_done.set()
+    first.join(10)
+    assert len(client._sessions) == 2
+    for n in range(3):  # one at a time, from other threads: the idle sessions are reused
+        worker = threading.Thread(target=client.publish, args=("a.request", f"c{n + 3}", {}))
+        worker.start()
+        worker.join(10)
+    assert len(client._sessions) == 2 and len(used) == 5
+
+
+def test_stream_sessions_are_per_thread(client):
     sessions = []
     threads = [threading.Thread(target=lambda: sessions.append(client._session())) for _ in range(3)]
     for thread in threads:
@@ -272,3 +299,5 @@ def test_sessions_read_no_proxy_or_netrc_from_the_environment(client, monkeypatc
     assert session.trust_env is False
     assert session.verify == str(tmp_path / "ca.pem")  # a private CA bundle is still honoured
     assert client._session().trust_env is False
+    with client._borrowed() as borrowed:
+        assert borrowed.trust_env is False

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import requests
@@ -73,7 +74,14 @@ def new_session() -> requests.Session:
 
 
 class EventsClient:
-    """Publishes with one Session per thread; streams with a Session per listener."""
+    """Publishes over a pool of Sessions, each used by one thread at a time; streams with a Session per listener.
+
+    A run's request thread publishes once and then waits: a Session (and its
+    kept-alive connection) per thread would be built and connected afresh for
+    nearly every run in a burst. Publishes borrow an idle Session instead, the
+    most recently used first (its connection is the likeliest still open), so
+    the pool grows only to the number of publishes in flight at once.
+    """
 
     def __init__(self, base_url: str, token: str, connect_timeout: float = 5.0, publish_timeout: float = 30.0):
         self._url = base_url.rstrip("/") + EVENTS_PATH
@@ -82,29 +90,47 @@ class EventsClient:
         self._connect_timeout = connect_timeout
         self._local = threading.local()
         self._sessions = []
+        self._idle = []  # sessions no thread is using, most recently returned last
         self._lock = threading.Lock()
 
     def __repr__(self):
         return f"EventsClient({self._url!r})"  # never the token
 
+    def _new_session(self) -> requests.Session:
+        session = new_session()
+        with self._lock:
+            self._sessions.append(session)
+        return session
+
     def _session(self) -> requests.Session:
+        """This thread's own Session, for a stream opened without one (it holds its connection while open)."""
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = new_session()
-            with self._lock:
-                self._sessions.append(session)
+            session = self._local.session = self._new_session()
         return session
+
+    @contextmanager
+    def _borrowed(self) -> Iterator[requests.Session]:
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+        session = session or self._new_session()
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._idle.append(session)
 
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions, self._idle = self._sessions, [], []
         for session in sessions:
             session.close()
 
     def publish(self, name: str, correlation_id: str, payload: dict) -> None:
         body = {"name": name, "correlationId": correlation_id, "payload": payload}
         try:
-            response = self._session().post(self._url, json=body, headers=self._headers, timeout=self._timeouts)
+            with self._borrowed() as session:
+                response = session.post(self._url, json=body, headers=self._headers, timeout=self._timeouts)
         except requests.Timeout as exc:
             raise EventsUnavailable(f"publishing {name} timed out") from exc
         except requests.RequestException as exc:
