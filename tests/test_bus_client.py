@@ -301,3 +301,59 @@ def test_sessions_read_no_proxy_or_netrc_from_the_environment(client, monkeypatc
     assert client._session().trust_env is False
     with client._borrowed() as borrowed:
         assert borrowed.trust_env is False
+
+
+class TestCancelWatch:
+    def test_one_thread_cancels_only_the_waits_whose_caller_left(self):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+        from bus_containers_provider.errors import RunCancelled
+
+        watch = CancelWatch(every=0.01)
+        gone = threading.Event()
+        left, stays = Waiter("a.response", "c1", watch), Waiter("a.response", "c2", watch)
+        outcome = {}
+
+        def wait(name, waiter, cancelled):
+            try:
+                outcome[name] = waiter.wait(10, cancelled)
+            except RunCancelled as exc:
+                outcome[name] = str(exc)
+
+        def caller_left():
+            return "the caller went away" if gone.is_set() else None
+
+        threads = [threading.Thread(target=wait, args=("left", left, caller_left)),
+                   threading.Thread(target=wait, args=("stays", stays, lambda: None))]
+        for thread in threads:
+            thread.start()
+        gone.set()
+        threads[0].join(10)
+        assert outcome == {"left": "the caller went away"}
+        stays._complete(envelope={"payload": {"n": 1}})
+        threads[1].join(10)
+        assert outcome["stays"] == {"payload": {"n": 1}}
+        assert [t.name for t in threading.enumerate()].count("cancel-watch") <= 1
+
+    def test_the_watch_thread_ends_once_nothing_is_watched(self):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+
+        watch = CancelWatch(every=0.01)
+        waiter = Waiter("a.response", "c1", watch)
+        with pytest.raises(ReplyTimeout):
+            waiter.wait(0.05, lambda: None)
+        thread = watch._thread
+        if thread is not None:
+            thread.join(5)
+        assert watch._thread is None and not watch._watched
+
+    def test_a_failing_check_does_not_stop_the_others(self, caplog):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+        from bus_containers_provider.errors import RunCancelled
+
+        watch = CancelWatch(every=0.01)
+        broken, fine = Waiter("a.response", "c1", watch), Waiter("a.response", "c2", watch)
+        watch.add(broken, lambda: 1 / 0)
+        with pytest.raises(RunCancelled):
+            fine.wait(10, lambda: "shutting down")
+        watch.remove(broken)
+        assert "checking whether a run was cancelled failed" in caplog.text
