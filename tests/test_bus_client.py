@@ -355,3 +355,18 @@ class TestCancelWatch:
             fine.wait(10, lambda: "shutting down")
         watch.remove(broken)
         assert "checking whether a run was cancelled failed" in caplog.text
+
+
+def test_a_proxy_in_the_environment_is_not_used_for_the_events_api(events_server, monkeypatch):
+    from conftest import EVENTS_TOKEN
+
+    # Nothing listens on port 9: a publish sent through this proxy would fail.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    events = EventsClient(events_server.url, EVENTS_TOKEN, connect_timeout=2, publish_timeout=5)
+    try:
+        events.publish("a.request", "cid-proxy", {"x": 1})
+    finally:
+        events.close()
