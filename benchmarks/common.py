@@ -68,18 +68,26 @@ def median(values) -> float:
 
 
 class Table:
-    """The one table `make bench` prints: benchmark, figure, target."""
+    """The one table `make bench` prints: benchmark, figure, target, and whether the target is met."""
+
+    HEAD = ("benchmark", "figure", "target", "met?")
 
     def __init__(self):
         self.rows = []
+        self.errors = []  # benchmarks that saw failed requests: their figures measured refusals too
 
-    def add(self, benchmark: str, figure: str, target: str = "") -> None:
-        self.rows.append((benchmark, figure, target))
-        print(f"  {benchmark}: {figure}" + (f"   (target {target})" if target else ""), flush=True)
+    def add(self, benchmark: str, figure: str, target: str = "", met=None) -> None:
+        """`met`: True or False against `target`; None for a figure without one (shown beside another)."""
+        verdict = "" if met is None else ("yes" if met else "NO")
+        self.rows.append((benchmark, figure, target, verdict))
+        print(f"  {benchmark}: {figure}" + (f"   (target {target}: {verdict})" if target else ""), flush=True)
+
+    def error(self, benchmark: str, what: str) -> None:
+        self.errors.append(f"{benchmark}: {what}")
 
     def render(self) -> str:
-        widths = [max(len(row[i]) for row in self.rows + [("benchmark", "figure", "target")]) for i in range(3)]
+        widths = [max(len(row[i]) for row in self.rows + [self.HEAD]) for i in range(4)]
         line = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-        out = [line.format("benchmark", "figure", "target"), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out = [line.format(*self.HEAD), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line.format(*row) for row in self.rows]
         return "\n".join(out)

@@ -28,7 +28,11 @@ def measure(server) -> tuple:
 
 
 def run(table, rounds: int = ROUNDS) -> dict:
-    with console_script("--workers", WORKERS, "--threads", THREADS) as provider, bare_server() as bare:
+    # One account, 32 connections: no per-account limit, and every thread may take a run (the bare
+    # endpoint reserves none either), so no round measures 429s or 503s.
+    env = provider_env(BUS_CONTAINERS_RESERVED_THREADS="0")
+    with console_script("--workers", WORKERS, "--threads", THREADS, "--max-runs-per-account", "0", env=env) as provider, \
+            bare_server() as bare:
         wrk(provider.url, 2), wrk(bare.url, 2)  # warm both
         rows = []
         for n in range(rounds):
@@ -39,7 +43,8 @@ def run(table, rounds: int = ROUNDS) -> dict:
                   flush=True)
     ratio = median(o[0] / t[0] for o, t in rows)
     cpu_ratio = median(o[1] / t[1] for o, t in rows)
-    table.add("overhead: POST /runs req/s ÷ bare Flask", f"{ratio:.2f} (median of {rounds})", "≥ 0.80")
+    table.add("overhead: POST /runs req/s ÷ bare Flask", f"{ratio:.2f} (median of {rounds})", "≥ 0.80",
+              ratio >= 0.80)
     table.add("overhead: server CPU/request, provider ÷ bare",
               f"{cpu_ratio:.2f} ({median(o[1] for o, _ in rows):.0f} vs {median(t[1] for _, t in rows):.0f} µs)")
     return {"ratio": ratio, "cpu_ratio": cpu_ratio}

@@ -95,7 +95,8 @@ class Provider:
         returned and remembered under the Idempotency-Key.
         """
         controls, account = self.controls, run.owner_account_id
-        body_fingerprint = fingerprint(run.body)
+        # Only a key compares bodies: without one, canonical JSON and a hash per run buy nothing.
+        body_fingerprint = fingerprint(run.body) if idempotency_key is not None else None
         key = controls.claim(account, idempotency_key, body_fingerprint, run.run_id)
         if key.answer is not None:
             return Answer.replay(key.answer)
@@ -119,8 +120,9 @@ class Provider:
     def _delegate(self, run: RunRequest, gone) -> Answer:
         """Entitlement, then a usage record, then the run; no billing answer or no record means no run."""
         self.billing.check(run.owner_account_id)
-        self.usage.record(usage_event(REQUESTED, run, {
-            key: getattr(run, key) for key in ("profile", "timeout_seconds") if getattr(run, key) is not None}))
+        self._usage(REQUESTED, run, {
+            key: getattr(run, key) for key in ("profile", "timeout_seconds") if getattr(run, key) is not None},
+            now=True)
         watch = Watch(cancelled=gone)
         metrics.run_started()
         try:
@@ -128,7 +130,7 @@ class Provider:
         except RunCancelled as exc:
             metrics.run_failed(exc)
             # Nobody will read this run's result: bill nobody for it, and stop it.
-            self.usage.record_later(usage_event(FAILED, run, {"reason": CANCELLED}))
+            self._usage(FAILED, run, {"reason": CANCELLED})
             try:
                 self.backend.cancel(run)
             except (ProviderError, EventsError) as error:
@@ -136,7 +138,7 @@ class Provider:
             raise
         except Exception as exc:
             metrics.run_failed(exc)
-            self.usage.record_later(usage_event(FAILED, run, {"reason": as_provider_error(exc).type}))
+            self._usage(FAILED, run, {"reason": as_provider_error(exc).type})
             if not watch.published:
                 raise
             return Answer.of_error(exc, run.run_id)
@@ -144,12 +146,19 @@ class Provider:
         metrics.run_finished(result["status"])
         if result["status"] == ERROR:
             # The platform failed, not the user's code: not billed as runtime.
-            self.usage.record_later(usage_event(FAILED, run, {"reason": ERROR, "exit_code": result["exit_code"]}))
+            self._usage(FAILED, run, {"reason": ERROR, "exit_code": result["exit_code"]})
         else:
-            self.usage.record_later(usage_event(FINISHED, run, {
+            self._usage(FINISHED, run, {
                 "duration_ms": result["duration_ms"], "exit_code": result["exit_code"], "image": result["image"],
-                "status": result["status"]}))
+                "status": result["status"]})
         return Answer(200, run_answer_schema.dump(result))
+
+    def _usage(self, event_type: str, run: RunRequest, data: dict, now: bool = False) -> None:
+        """A usage record, before the run (`now`: raises when it cannot be made) or after it."""
+        if not self.usage.keeps_records:
+            return  # --usage-backend none: no timestamp, no record dict, per run
+        event = usage_event(event_type, run, data)
+        (self.usage.record if now else self.usage.record_later)(event)
 
     def _cancelled(self, caller_gone):
         def cancelled() -> Optional[str]:

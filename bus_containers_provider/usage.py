@@ -32,6 +32,8 @@ class NoUsage:
     """--usage-backend none: records nothing, publishes nothing. Also the interface of the others."""
 
     reply_names = ()
+    # False: the run flow builds no records for this backend at all.
+    keeps_records = False
 
     def record(self, event: dict) -> None:
         """Record now, or raise: the run must not start without it."""
@@ -48,6 +50,8 @@ class NoUsage:
 
 class MemoryUsage(NoUsage):
     """--usage-backend memory: records stay in this process, keyed by event_id."""
+
+    keeps_records = True
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -84,6 +88,7 @@ class EventsUsage(NoUsage):
     """
 
     reply_names = ("bus.usage.record.response",)
+    keeps_records = True
     ATTEMPTS = 6
     BACKLOG = 10_000
     SENDERS = 8

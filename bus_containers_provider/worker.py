@@ -30,6 +30,7 @@ first byte; with either configured, connections take gunicorn's own path.
 """
 import errno
 import json
+import logging
 import selectors
 import socket
 import threading
@@ -45,6 +46,8 @@ from werkzeug.exceptions import RequestTimeout
 from . import lifecycle
 from .errors import HTTP_TYPES
 
+log = logging.getLogger(__name__)
+
 HEAD_TIMEOUT = 10.0
 MAX_HEAD_BYTES = 64 * 1024
 BODY_TIMEOUT = 30.0
@@ -54,6 +57,8 @@ RETRY_AFTER_SECONDS = 1
 # A graceful close waits this long for the client's FIN (RFC 9112 §9.6), as gunicorn does.
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 64 * 1024
+# Starting every request thread at boot is bounded by this (a few thousand take well under a second).
+THREAD_START_TIMEOUT = 60.0
 
 
 def write_json_error(sock, status_int, reason, mesg):
@@ -111,6 +116,26 @@ class ProviderConn(TConn):
             super().close(graceful)
 
 
+def start_threads(pool, count: int, timeout: float = THREAD_START_TIMEOUT) -> None:
+    """Start all `count` threads of `pool` now, at boot, while nothing else wants the GIL.
+
+    The pool otherwise starts a thread per request until it has `count`, in
+    gunicorn's main thread, and Thread.start waits for the new thread to run:
+    under a burst each start waits for the GIL twice behind hundreds of busy
+    threads, so the main loop dispatched ~130 connections a second and, at
+    thousands in flight, missed its heartbeat until the arbiter killed it.
+    Each task waits at a barrier, so no thread is idle and every submit starts one.
+    """
+    gate = threading.Barrier(count + 1, timeout=timeout)
+    for _ in range(count):
+        pool.submit(gate.wait)
+    try:
+        gate.wait()
+    except threading.BrokenBarrierError:
+        log.warning("only some of the %d request threads started within %gs; the rest start on demand",
+                    count, timeout)
+
+
 class ProviderWorker(ThreadWorker):
     """gthread with request heads read in the poller, bounded bodies, JSON errors and a prompt drain."""
 
@@ -130,6 +155,11 @@ class ProviderWorker(ThreadWorker):
         # gunicorn answers malformed requests before the app sees them, through util.write_error.
         util.write_error = write_json_error
         super().init_process()
+
+    def get_thread_pool(self):
+        pool = super().get_thread_pool()
+        start_threads(pool, self.cfg.threads)
+        return pool
 
     def accept(self, listener):
         try:

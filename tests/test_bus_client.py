@@ -119,7 +119,34 @@ def test_repr_never_shows_the_token(client):
     assert TOKEN not in repr(client)
 
 
-def test_publish_sessions_are_per_thread(client):
+@responses.activate
+def test_publishes_borrow_an_idle_session_and_never_share_one_in_use(client):
+    in_flight, second_done = threading.Event(), threading.Event()
+    used = []
+
+    def accept(request):
+        used.append(threading.current_thread().name)
+        if len(used) == 1:  # the first publish stays in flight until the second one is done
+            in_flight.set()
+            assert second_done.wait(10)
+        return 202, {}, json.dumps({"accepted": True})
+
+    responses.add_callback(responses.POST, PUBLISH, callback=accept)
+    first = threading.Thread(target=client.publish, args=("a.request", "c1", {}), name="first")
+    first.start()
+    assert in_flight.wait(10)
+    client.publish("a.request", "c2", {})  # the first one's session is taken: a second is made
+    second_done.set()
+    first.join(10)
+    assert len(client._sessions) == 2
+    for n in range(3):  # one at a time, from other threads: the idle sessions are reused
+        worker = threading.Thread(target=client.publish, args=("a.request", f"c{n + 3}", {}))
+        worker.start()
+        worker.join(10)
+    assert len(client._sessions) == 2 and len(used) == 5
+
+
+def test_stream_sessions_are_per_thread(client):
     sessions = []
     threads = [threading.Thread(target=lambda: sessions.append(client._session())) for _ in range(3)]
     for thread in threads:
@@ -207,3 +234,140 @@ class TestRegistry:
         assert "private-output" not in caplog.text
         assert not registry.resolve("a.response", {"correlationId": "never-ours"})  # another process's
         assert len(caplog.records) == 1
+
+
+class TestUnwanted:
+    """The registry's check that lets a stream reader drop another process's reply without parsing it."""
+
+    @pytest.fixture
+    def registry(self):
+        registry = ReplyRegistry()
+        registry.register("a.response", "ours")
+        return registry
+
+    @staticmethod
+    def line(**envelope) -> bytes:
+        return json.dumps({"id": "1", "name": "a.response", **envelope}, separators=(",", ":")).encode()
+
+    def test_another_process_reply_is_unwanted(self, registry):
+        assert registry.unwanted(self.line(correlationId="theirs", payload={"stdout": "x"}))
+        assert registry.unwanted(b'{"correlation_id" : "theirs", "payload": {}}')
+
+    @pytest.mark.parametrize("line", [
+        # Our own id, at the top level or only nested (the parse decides which key counts).
+        b'{"correlationId":"ours","payload":{}}',
+        b'{"payload":{"correlationId":"theirs"},"correlationId":"ours"}',
+        b'{"correlationId":"theirs","payload":{"correlation_id":"ours"}}',
+        # An escaped value, or a \\u escape anywhere: a key could be spelt with one.
+        b'{"correlationId":"th\\"eirs","payload":{}}',
+        b'{"correlation\\u0049d":"ours","payload":{"correlationId":"theirs"}}',
+        # No key with a plain string value: a malformed line is parsed, and logged as one.
+        b'{"correlationId":7,"payload":{}}', b'not json', b'{"id":"1"}',
+        b'{"correlationId":"\xff\xfe","payload":{}}',
+    ])
+    def test_anything_that_may_be_ours_or_malformed_is_parsed(self, registry, line):
+        assert not registry.unwanted(line)
+
+    def test_a_late_reply_is_still_parsed_so_it_is_logged(self, registry):
+        waiter = registry.register("a.response", "gave-up")
+        registry.discard(waiter)  # expired: its reply is logged once when it comes
+        assert not registry.unwanted(self.line(correlationId="gave-up", payload={}))
+        answered = registry.register("a.response", "answered")
+        registry.resolve("a.response", {"correlationId": "answered"})
+        registry.discard(answered)
+        assert registry.unwanted(self.line(correlationId="answered", payload={}))  # a copy: dropped silently
+
+    def test_envelopes_skip_unwanted_lines_unparsed(self, registry, caplog):
+        import io
+
+        from bus_containers_provider.bus.client import envelopes
+
+        body = b"\n".join([b'{"correlationId":"theirs","payload":{"n":NaN}}',
+                           self.line(correlationId="ours", payload={"n": 1}), b"not json"]) + b"\n"
+        got = list(envelopes(io.BytesIO(body), "a.response", unwanted=registry.unwanted))
+        assert [e["correlationId"] for e in got] == ["ours"]
+        # The NaN line was another's and never parsed; the junk line still is, and is logged.
+        assert caplog.text.count("not a JSON envelope") == 1
+
+
+def test_sessions_read_no_proxy_or_netrc_from_the_environment(client, monkeypatch, tmp_path):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    from bus_containers_provider.bus.client import new_session
+
+    session = new_session()
+    assert session.trust_env is False
+    assert session.verify == str(tmp_path / "ca.pem")  # a private CA bundle is still honoured
+    assert client._session().trust_env is False
+    with client._borrowed() as borrowed:
+        assert borrowed.trust_env is False
+
+
+class TestCancelWatch:
+    def test_one_thread_cancels_only_the_waits_whose_caller_left(self):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+        from bus_containers_provider.errors import RunCancelled
+
+        watch = CancelWatch(every=0.01)
+        gone = threading.Event()
+        left, stays = Waiter("a.response", "c1", watch), Waiter("a.response", "c2", watch)
+        outcome = {}
+
+        def wait(name, waiter, cancelled):
+            try:
+                outcome[name] = waiter.wait(10, cancelled)
+            except RunCancelled as exc:
+                outcome[name] = str(exc)
+
+        def caller_left():
+            return "the caller went away" if gone.is_set() else None
+
+        threads = [threading.Thread(target=wait, args=("left", left, caller_left)),
+                   threading.Thread(target=wait, args=("stays", stays, lambda: None))]
+        for thread in threads:
+            thread.start()
+        gone.set()
+        threads[0].join(10)
+        assert outcome == {"left": "the caller went away"}
+        stays._complete(envelope={"payload": {"n": 1}})
+        threads[1].join(10)
+        assert outcome["stays"] == {"payload": {"n": 1}}
+        assert [t.name for t in threading.enumerate()].count("cancel-watch") <= 1
+
+    def test_the_watch_thread_ends_once_nothing_is_watched(self):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+
+        watch = CancelWatch(every=0.01)
+        waiter = Waiter("a.response", "c1", watch)
+        with pytest.raises(ReplyTimeout):
+            waiter.wait(0.05, lambda: None)
+        thread = watch._thread
+        if thread is not None:
+            thread.join(5)
+        assert watch._thread is None and not watch._watched
+
+    def test_a_failing_check_does_not_stop_the_others(self, caplog):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+        from bus_containers_provider.errors import RunCancelled
+
+        watch = CancelWatch(every=0.01)
+        broken, fine = Waiter("a.response", "c1", watch), Waiter("a.response", "c2", watch)
+        watch.add(broken, lambda: 1 / 0)
+        with pytest.raises(RunCancelled):
+            fine.wait(10, lambda: "shutting down")
+        watch.remove(broken)
+        assert "checking whether a run was cancelled failed" in caplog.text
+
+
+def test_a_proxy_in_the_environment_is_not_used_for_the_events_api(events_server, monkeypatch):
+    from conftest import EVENTS_TOKEN
+
+    # Nothing listens on port 9: a publish sent through this proxy would fail.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    events = EventsClient(events_server.url, EVENTS_TOKEN, connect_timeout=2, publish_timeout=5)
+    try:
+        events.publish("a.request", "cid-proxy", {"x": 1})
+    finally:
+        events.close()

@@ -1,7 +1,9 @@
 """Bus Events API client: publish events and read NDJSON reply streams (requests)."""
 import json
 import logging
+import os
 import threading
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import requests
@@ -55,8 +57,31 @@ class EventsRejected(EventsError):
         return self.status in self.MALFORMED
 
 
+def new_session() -> requests.Session:
+    """A Session that reads no proxy settings or .netrc from the environment on every request.
+
+    With trust_env (requests' default) each publish looks up proxy variables,
+    no_proxy and ~/.netrc again. The Events API is reached directly with our
+    own bearer; a private CA bundle named by REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE is still used, read once here.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    return session
+
+
 class EventsClient:
-    """Publishes with one Session per thread; streams with a Session per listener."""
+    """Publishes over a pool of Sessions, each used by one thread at a time; streams with a Session per listener.
+
+    A run's request thread publishes once and then waits: a Session (and its
+    kept-alive connection) per thread would be built and connected afresh for
+    nearly every run in a burst. Publishes borrow an idle Session instead, the
+    most recently used first (its connection is the likeliest still open), so
+    the pool grows only to the number of publishes in flight at once.
+    """
 
     def __init__(self, base_url: str, token: str, connect_timeout: float = 5.0, publish_timeout: float = 30.0):
         self._url = base_url.rstrip("/") + EVENTS_PATH
@@ -65,22 +90,39 @@ class EventsClient:
         self._connect_timeout = connect_timeout
         self._local = threading.local()
         self._sessions = []
+        self._idle = []  # sessions no thread is using, most recently returned last
         self._lock = threading.Lock()
 
     def __repr__(self):
         return f"EventsClient({self._url!r})"  # never the token
 
+    def _new_session(self) -> requests.Session:
+        session = new_session()
+        with self._lock:
+            self._sessions.append(session)
+        return session
+
     def _session(self) -> requests.Session:
+        """This thread's own Session, for a stream opened without one (it holds its connection while open)."""
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
-            with self._lock:
-                self._sessions.append(session)
+            session = self._local.session = self._new_session()
         return session
+
+    @contextmanager
+    def _borrowed(self) -> Iterator[requests.Session]:
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+        session = session or self._new_session()
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._idle.append(session)
 
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions, self._idle = self._sessions, [], []
         for session in sessions:
             session.close()
 
@@ -88,8 +130,9 @@ class EventsClient:
         body = {"name": name, "correlationId": correlation_id, "payload": payload}
         try:
             # Never follow a redirect: the token and the payload go to the configured origin or nowhere.
-            response = self._session().post(self._url, json=body, headers=self._headers, timeout=self._timeouts,
-                                            allow_redirects=False)
+            with self._borrowed() as session:
+                response = session.post(self._url, json=body, headers=self._headers, timeout=self._timeouts,
+                                        allow_redirects=False)
         except requests.Timeout as exc:
             raise EventsUnavailable(f"publishing {name} timed out") from exc
         except requests.RequestException as exc:
@@ -130,8 +173,12 @@ class EventsClient:
             yield from envelopes(response.raw, name)
 
 
-def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None) -> Iterator[dict]:
+def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None,
+              unwanted: Callable[[bytes], bool] = lambda line: False) -> Iterator[dict]:
     """Envelopes read from a stream's raw body until it ends; `touched` is called for every chunk read.
+
+    A line for which `unwanted` is true is dropped unparsed (the registry's
+    check for another process's reply: cheaper than json.loads of a whole result).
 
     A read timeout is a quiet end. A line over MAX_LINE_BYTES is dropped while
     it is read, never held whole, and the stream carries on after it.
@@ -157,7 +204,7 @@ def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None) -> Ite
                 _too_long(name)
             else:
                 line += chunk[start:end]
-                envelope = _parse(line, name) if line.strip() else None
+                envelope = _parse(line, name) if line.strip() and not unwanted(line) else None
                 if envelope is not None:
                     yield envelope
             discarding, line, start = False, bytearray(), end + 1

@@ -3,10 +3,8 @@ import logging
 import threading
 import time
 
-import requests
-
 from .. import metrics
-from .client import EventsClient, EventsError, EventsRejected, envelopes
+from .client import EventsClient, EventsError, EventsRejected, envelopes, new_session
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            for envelope in envelopes(self._response.raw, self.reply_name, self._touch):
+            for envelope in envelopes(self._response.raw, self.reply_name, self._touch, self._registry.unwanted):
                 self._registry.resolve(self.reply_name, envelope)
         except EventsError as exc:
             if not self._closing:
@@ -113,7 +111,7 @@ class Listener(threading.Thread):
 
     def run(self) -> None:
         delay, current = self._retry_min, None
-        with requests.Session() as session:
+        with new_session() as session:
             try:
                 while not self._stopping.is_set():
                     if current is not None and not current.done.is_set():
@@ -181,7 +179,7 @@ class Listener(threading.Thread):
         _shutdown(self._catch_up_response)  # a newer catch-up supersedes an older one
         started, read, found = time.monotonic(), 0, 0
         try:
-            with requests.Session() as session:
+            with new_session() as session:
                 response = self._client.open_stream(self.reply_name, self._read_timeout, session,
                                                     replay=True, follow=False)
                 self._catch_up_response = response

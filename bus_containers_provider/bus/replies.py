@@ -1,5 +1,6 @@
 """Correlation id -> waiter: the one place replies meet the requests that wait for them."""
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -17,19 +18,67 @@ CANCEL_POLL_SECONDS = 0.5
 # is told apart from a reply that came too late. Oldest are forgotten first.
 REMEMBERED = 20_000
 ANSWERED, EXPIRED = "answered", "expired"
+# A correlation id key with a plain string value, wherever it is in a line; a value with an escape ends at "\".
+_CORRELATION = re.compile(rb'"correlation(?:Id|_id)"\s*:\s*"([^"\\]*)(["\\])')
+
+
+class CancelWatch:
+    """One thread asks every waiting request's `cancelled` in turn, every CANCEL_POLL_SECONDS.
+
+    Each waiting thread used to wake every half second to ask for itself: at
+    thousands of runs in flight that was thousands of wake-ups a second, each
+    taking the GIL from the threads doing real work. The thread runs only
+    while something is watched (it starts with the first waiter and ends with
+    the last), so it always starts after fork, in a worker.
+    """
+
+    def __init__(self, every: float = CANCEL_POLL_SECONDS):
+        self._every = every
+        self._lock = threading.Lock()
+        self._watched = {}  # Waiter -> its `cancelled`
+        self._thread = None
+
+    def add(self, waiter: "Waiter", cancelled: Callable[[], Optional[str]]) -> None:
+        with self._lock:
+            self._watched[waiter] = cancelled
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cancel-watch", daemon=True)
+                self._thread.start()
+
+    def remove(self, waiter: "Waiter") -> None:
+        with self._lock:
+            self._watched.pop(waiter, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._every)
+            with self._lock:
+                if not self._watched:
+                    self._thread = None
+                    return
+                watched = list(self._watched.items())
+            for waiter, cancelled in watched:
+                try:
+                    reason = cancelled()
+                except Exception:  # one broken check must not stop the others' cancellation
+                    log.exception("checking whether a run was cancelled failed")
+                    continue
+                if reason:
+                    waiter._complete(error=RunCancelled(reason))
 
 
 class Waiter:
     """One request's wait for its reply; completed at most once."""
 
-    __slots__ = ("reply_name", "correlation_id", "_done", "_envelope", "_error")
+    __slots__ = ("reply_name", "correlation_id", "_done", "_envelope", "_error", "_watch")
 
-    def __init__(self, reply_name: str, correlation_id: str):
+    def __init__(self, reply_name: str, correlation_id: str, watch: Optional[CancelWatch] = None):
         self.reply_name = reply_name
         self.correlation_id = correlation_id
         self._done = threading.Event()
         self._envelope = None
         self._error = None
+        self._watch = watch
 
     def _complete(self, envelope=None, error=None) -> None:
         if not self._done.is_set():
@@ -43,19 +92,18 @@ class Waiter:
     def wait(self, timeout: float, cancelled: Optional[Callable[[], Optional[str]]] = None) -> dict:
         """The reply envelope; ReplyTimeout when none came within `timeout` seconds.
 
-        With `cancelled`, the wait is cut into short slices and ends with
-        RunCancelled as soon as it returns a reason.
+        With `cancelled`, the wait ends with RunCancelled within about
+        CANCEL_POLL_SECONDS of it returning a reason (asked by the CancelWatch).
         """
         if cancelled is None:
             done = self._done.wait(timeout)
         else:
-            deadline = time.monotonic() + timeout
-            while not (done := self._done.wait(min(CANCEL_POLL_SECONDS, max(0.0, deadline - time.monotonic())))):
-                reason = cancelled()
-                if reason:
-                    raise RunCancelled(reason)
-                if time.monotonic() >= deadline:
-                    break
+            watch = self._watch or CancelWatch()
+            watch.add(self, cancelled)
+            try:
+                done = self._done.wait(timeout)
+            finally:
+                watch.remove(self)
         if not done:
             raise ReplyTimeout(f"no {self.reply_name} reply within {timeout:g}s")
         if self._error is not None:
@@ -75,10 +123,11 @@ class ReplyRegistry:
         self._waiters: Dict[str, Waiter] = {}
         self._down: Dict[str, str] = {}
         self._ended: "OrderedDict[str, str]" = OrderedDict()  # correlation id -> ANSWERED | EXPIRED
+        self._watch = CancelWatch()
 
     def register(self, reply_name: str, correlation_id: str) -> Waiter:
         """Add a waiter (before publishing, so a fast reply finds it); refuse while the reply stream is down."""
-        waiter = Waiter(reply_name, correlation_id)
+        waiter = Waiter(reply_name, correlation_id, self._watch)
         with self._lock:
             reason = self._down.get(reply_name)
             if reason is None:
@@ -116,6 +165,31 @@ class ReplyRegistry:
             return False
         waiter._complete(envelope=envelope)
         return True
+
+    def unwanted(self, line: bytes) -> bool:
+        """True only when a raw reply line is certainly for nobody here, so it need not be parsed.
+
+        Every provider process reads every reply on the shared streams; most
+        are another's. Each occurrence of the key counts (one nested in a
+        payload may come first); an escaped value, a \\u escape anywhere (a key
+        could be spelt with one), a key with no plain string value, or an id
+        whose late reply is still to be logged means "parse it".
+        """
+        if b"\\u" in line:
+            return False
+        found = False
+        with self._lock:
+            for match in _CORRELATION.finditer(line):
+                if match.group(2) == b"\\":
+                    return False
+                try:
+                    correlation_id = match.group(1).decode("utf-8")
+                except UnicodeDecodeError:
+                    return False  # not JSON: the parse says so in the log
+                if correlation_id in self._waiters or self._ended.get(correlation_id) == EXPIRED:
+                    return False
+                found = True
+        return found
 
     def _remember(self, correlation_id: str, outcome: str) -> None:
         self._ended[correlation_id] = outcome
