@@ -7,6 +7,7 @@ directory to see that both served.
 """
 import concurrent.futures
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -455,3 +456,35 @@ def test_route_label_is_the_contract_pattern(rule, label):
     from bus_containers_provider.metrics import route_label
 
     assert route_label(rule) == label
+
+
+def _scrape_app(directory):
+    from bus_containers_provider.metrics.listener import metrics_app
+
+    answer = {}
+    body = b"".join(metrics_app(str(directory))({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET",
+                                                  "QUERY_STRING": ""},
+                                                 lambda status, headers: answer.update(status=status,
+                                                                                       headers=dict(headers))))
+    return answer["status"], answer["headers"], body
+
+
+def test_a_scrape_while_a_worker_creates_its_file_is_answered(tmp_path):
+    """A starting worker's file is empty for a moment: the scrape is the others' sums, not a 500."""
+    probe = ("from prometheus_client import Counter; "
+             "Counter('bus_containers_probe_total', 'probe').inc(3)")
+    subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path)),
+                   check=True, timeout=30)
+    (tmp_path / "counter_99999.db").write_bytes(b"")  # created, header not yet written
+    status, _, body = _scrape_app(tmp_path)
+    assert status == "200 OK"
+    assert "bus_containers_probe_total 3.0" in body.decode()
+
+
+def test_an_unreadable_file_is_a_json_503_with_retry_after(tmp_path):
+    # A header that promises more bytes than the file holds: the files changed under the scrape.
+    (tmp_path / "counter_99999.db").write_bytes((1000).to_bytes(4, "little") + b"\0" * 12)
+    status, headers, body = _scrape_app(tmp_path)
+    assert status.startswith("503")
+    assert headers["Content-Type"] == "application/json" and headers["Retry-After"] == "1"
+    assert json.loads(body)["error"]["type"] == "unavailable"

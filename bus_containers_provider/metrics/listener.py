@@ -5,17 +5,32 @@ the sum over every worker's files in the multiprocess directory. It defines no
 series itself, serves nothing else, and exits when the master is gone.
 """
 import argparse
+import glob
 import json
+import logging
 import os
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 # The listener exits on its own within this long once the master is gone (even SIGKILLed).
 PARENT_POLL_SECONDS = 1.0
+# A worker's file is created empty and gets its 8-byte header a moment later.
+FILE_HEADER_BYTES = 8
+SCRAPE_ATTEMPTS = 3
+
+log = logging.getLogger(__name__)
+
+
+def _written(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= FILE_HEADER_BYTES
+    except OSError:
+        return False  # removed since the listing: its worker died and was marked dead
 
 
 def _error(start_response, status: str, error_type: str, message: str, headers=()):
@@ -28,9 +43,16 @@ def metrics_app(directory: str):
     """WSGI app: GET /metrics is the sum over every worker's file; anything else is a JSON error."""
     from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
+    class Collector(multiprocess.MultiProcessCollector):
+        """The workers' sums, without a file a starting worker has not written yet."""
+
+        def collect(self):
+            return self.merge([f for f in glob.glob(os.path.join(directory, "*.db")) if _written(f)],
+                              accumulate=True)
+
     # Nothing in this process defines a series, so the registry holds only the workers' sums.
     registry = CollectorRegistry(support_collectors_without_names=True)
-    multiprocess.MultiProcessCollector(registry, path=directory)
+    Collector(registry, path=directory)
     exposition = make_wsgi_app(registry)
 
     def app(environ, start_response):
@@ -39,7 +61,15 @@ def metrics_app(directory: str):
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return _error(start_response, "405 Method Not Allowed", "method_not_allowed", "use GET",
                           [("Allow", "GET, HEAD")])
-        return exposition(environ, start_response)
+        for _ in range(SCRAPE_ATTEMPTS):
+            try:
+                # The files change under the scrape (a worker starting or marked dead): read again.
+                return exposition(environ, start_response)
+            except (OSError, ValueError, struct.error) as exc:
+                reason = exc
+        log.warning("a scrape failed %d times (%s)", SCRAPE_ATTEMPTS, reason)
+        return _error(start_response, "503 Service Unavailable", "unavailable", "metrics could not be read",
+                      [("Retry-After", "1")])
 
     return app
 
