@@ -32,6 +32,17 @@ def scraping(url: str, stop: threading.Event) -> None:
         requests.get(f"{url}/metrics", timeout=10).raise_for_status()
 
 
+def scraped_round(server, metrics_addr: str) -> tuple:
+    stop = threading.Event()
+    scraper = threading.Thread(target=scraping, args=(f"http://{metrics_addr}", stop))
+    scraper.start()
+    try:
+        return measured(server)
+    finally:
+        stop.set()
+        scraper.join()
+
+
 def run(table, rounds: int = ROUNDS) -> dict:
     metrics_addr = f"127.0.0.1:{free_port()}"
     settings = ("--workers", "1", "--threads", "32", "--max-runs-per-account", "0")
@@ -41,15 +52,11 @@ def run(table, rounds: int = ROUNDS) -> dict:
         wrk(plain.url, 2), wrk(metered.url, 2)  # warm both
         rows = []
         for n in range(rounds):
-            without = measured(plain)
-            stop = threading.Event()
-            scraper = threading.Thread(target=scraping, args=(f"http://{metrics_addr}", stop))
-            scraper.start()
-            try:
-                with_metrics = measured(metered)
-            finally:
-                stop.set()
-                scraper.join()
+            # A B, then B A: a drift in the machine's load falls on both sides alike.
+            if n % 2:
+                with_metrics, without = scraped_round(metered, metrics_addr), measured(plain)
+            else:
+                without, with_metrics = measured(plain), scraped_round(metered, metrics_addr)
             rows.append((without, with_metrics))
             print(f"    round {n + 1}: without {without[0]:6.0f} req/s {without[1]:5.0f} µs CPU/req   "
                   f"with --metrics-addr {with_metrics[0]:6.0f} req/s {with_metrics[1]:5.0f} µs CPU/req", flush=True)
