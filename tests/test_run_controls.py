@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from bus_containers_provider.controls import RunControls, caller_gone, never
+from bus_containers_provider.controls import LEASE_SECONDS, RunControls, caller_gone, never
 from bus_containers_provider.errors import Conflict, IdempotencyKeyReused
 from bus_containers_provider.state.memory import MemoryStore
 from bus_containers_provider.state.redis import RedisStore
@@ -338,6 +338,58 @@ class TestJoin:
         assert controls.claim("acct-a", "k", "fp", "run_3").holder == "run_2"
         controls.remember(joined, "run_2", ANSWER)
         assert controls.claim("acct-a", "k", "fp", "run_3").answer == ANSWER
+
+
+class Clock:
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class TestLeases:
+    """A live run renews what it holds (CONTRACT §7: only a dead process's slots and keys free themselves)."""
+
+    def test_a_live_runs_key_outlasts_its_first_lease(self):
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        controls = controls_over(store)
+        key = controls.claim("acct-a", "k", "fp", "run_1")
+        clock.now += LEASE_SECONDS - 1
+        controls.renew()
+        clock.now += LEASE_SECONDS - 1  # past the first lease, within the renewed one
+        assert store.read_key(key.scope).run_id == "run_1"
+
+    def test_a_live_runs_slot_outlasts_its_first_lease(self):
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        with controls.slot("acct-a", "run_1"):
+            clock.now += LEASE_SECONDS - 1
+            controls.renew()
+            clock.now += LEASE_SECONDS - 1
+            assert store.acquire_slot("acct-a", "run_2", 1, LEASE_SECONDS) == (False, 1)
+
+    def test_nothing_is_renewed_once_every_answer_is_given(self):
+        renewed = []
+
+        class Recording(MemoryStore):
+            def renew(self, slots, keys, lease):
+                renewed.append((list(slots), list(keys)))
+                super().renew(slots, keys, lease)
+
+        controls = RunControls(Recording(), max_runs_per_account=2, run_capacity=4, idempotency_ttl=60)
+        remembered = controls.claim("acct-a", "k1", "fp", "run_1")
+        forgotten = controls.claim("acct-a", "k2", "fp", "run_2")
+        with controls.slot("acct-a", "run_1"):
+            controls.renew()
+            assert sorted(run for _, run in renewed[-1][1]) == ["run_1", "run_2"] and len(renewed[-1][0]) == 1
+        controls.remember(remembered, "run_1", ANSWER)
+        controls.forget(forgotten, "run_2")
+        count = len(renewed)
+        controls.renew()
+        assert len(renewed) == count
 
 
 class Interleaved(MemoryStore):
