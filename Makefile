@@ -49,7 +49,7 @@ soak: $(BIN)/.installed
 # Mutation testing ([mutmut] in setup.cfg: the fast in-process tests), module by module,
 # on at most 2 processes and bounded by MUTATION_TIME seconds; not part of `make test`.
 # Other modules: make mutation MUTATE="controls state". RESUME=1 runs only the mutants of MUTATE
-# that an earlier run's time bound left unrun, keeping the other results.
+# not killed yet (left unrun by a time bound, survived, without tests), keeping the other results.
 MUTATE ?= auth billing usage errors backends bus.replies
 MUTATION_TIME ?= 2400
 MUTANTS = $(if $(RESUME),$(shell test -d mutants && $(BIN)/python tools/mutation_report.py --not-run $(MUTATE)),\
