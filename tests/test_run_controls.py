@@ -494,3 +494,27 @@ class TestCallerGone:
         gone = caller_gone({"gunicorn.socket": accepted})
         accepted.close()
         assert gone() == "the caller went away"
+
+
+class TestCallerLeaves:
+    @pytest.fixture
+    def app_env(self, events_server, responder):
+        return events_env(events_server)
+
+    def test_a_caller_that_leaves_cancels_its_run_by_name(self, app, events_server):
+        """In process, with the socket gunicorn would put in the environ: the close is noticed and the run cancelled."""
+        client = connected(app).test_client()
+        body = {"profile": "never", "args": ["x"], "timeout_seconds": 20}
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            caller = socket.create_connection(server.getsockname(), timeout=5)
+            accepted, _ = server.accept()
+            with caller, accepted:
+                pending = pool.submit(client.post, RUNS, json=body, headers=bearer("acct-a"),
+                                      environ_base={"gunicorn.socket": accepted})
+                [request] = events_server.wait_published(RUN_NAME, 1, timeout=5)
+                caller.close()
+                [cancel] = events_server.wait_published("bus.containers.delete.request", 1, timeout=10)
+                pending.result(timeout=15)
+        assert cancel["payload"] == {"run_id": request["payload"]["run_id"], "owner_account_id": "acct-a"}
+        assert app.extensions["bus_containers"].bus.registry.pending() == 0
