@@ -371,6 +371,18 @@ class TestLeases:
             clock.now += LEASE_SECONDS - 1
             assert store.acquire_slot("acct-a", "run_2", 1, LEASE_SECONDS) == (False, 1)
 
+    def test_a_retry_that_runs_itself_renews_the_key_it_reclaimed(self):
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        controls = controls_over(store)
+        first, retry = first_and_retry(controls)
+        controls.forget(first, "run_1")
+        joined = controls.join(retry, "fp", "run_2", wait=5, gone=never)
+        clock.now += LEASE_SECONDS - 1
+        controls.renew()
+        clock.now += LEASE_SECONDS - 1
+        assert joined.new and store.read_key(joined.scope).run_id == "run_2"
+
     def test_nothing_is_renewed_once_every_answer_is_given(self):
         renewed = []
 
