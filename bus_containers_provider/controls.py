@@ -181,7 +181,8 @@ class RunControls:
         """Wait for the first request's answer; 409 when `wait` runs out or the caller leaves first.
 
         A record that disappears (the first answer was not to be remembered) is
-        claimed again, so the retry runs instead.
+        claimed again, so the retry runs instead; if another request claimed it
+        first, that run is waited for in turn (never run a second time).
         """
         deadline = time.monotonic() + wait
         delay = JOIN_POLL[0]
@@ -193,7 +194,8 @@ class RunControls:
             delay = min(delay * 2, JOIN_POLL[1])
             record = self.store.read_key(key.scope)
             if record is None:
-                return self._reclaim(key, body_fingerprint, run_id)
+                key = self._reclaim(key, body_fingerprint, run_id)
+                continue
             if record.state == DONE:
                 return Key(key.scope, answer=record.answer)
         return key

@@ -1,10 +1,17 @@
 """Run controls (CONTRACT §7) through the app: Idempotency-Key, account slots, run capacity."""
 import concurrent.futures
+import select
+import socket
 import threading
 
 import pytest
 
+from bus_containers_provider.controls import LEASE_SECONDS, RunControls, caller_gone, never
+from bus_containers_provider.errors import Conflict, IdempotencyKeyReused
+from bus_containers_provider.state.memory import MemoryStore
+from bus_containers_provider.state.redis import RedisStore
 from conftest import bearer, connected, env, events_env
+from inflight import wait_until
 
 RUNS = "/api/v1/containers/runs"
 RUN_NAME = "bus.containers.run.request"
@@ -73,7 +80,7 @@ class TestIdempotencyKeyStatic:
         assert theirs.get_json()["owner_account_id"] == "acct-b"
 
     @pytest.mark.parametrize("header", ["", " ", "a b", "é", "x" * 256, '"bad\\escape"',
-                                        '"inner"quote"', "tab\there"])
+                                        '"inner"quote"', "tab\there", '"trailing\\"'])
     def test_a_malformed_key_is_400_before_anything_runs(self, client, header):
         response = post(client, key=header)
         assert response.status_code == 400 and error_type(response) == "bad_request"
@@ -100,7 +107,8 @@ class TestIdempotencyKeyEvents:
     """What is remembered once a run was published, and what is not."""
 
     @pytest.fixture
-    def app_env(self, events_server):
+    def app_env(self, events_server, responder):
+        # The responder outlives the app: the app's stop flushes usage records it must confirm.
         return events_env(events_server, BUS_CONTAINERS_USAGE_BACKEND="events",
                           BUS_CONTAINERS_BILLING_BACKEND="events", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="1s")
 
@@ -195,7 +203,8 @@ class TestJoinWithoutCapacity:
 
 class TestAccountSlots:
     @pytest.fixture
-    def app_env(self, events_server):
+    def app_env(self, events_server, responder):
+        # The responder outlives the app: the app's stop flushes usage records it must confirm.
         return events_env(events_server, BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT="2",
                           BUS_CONTAINERS_USAGE_BACKEND="events", BUS_CONTAINERS_BILLING_BACKEND="events")
 
@@ -313,3 +322,244 @@ class TestCancelWithTheEventsApiDown:
         failed = [r for r in provider.usage.records if r["event_type"] == "container_run_failed"]
         assert [(r["data"]["run_id"], r["data"]["reason"]) for r in failed] == [("run_gone", "cancelled")]
         assert all(e["name"] != "bus.containers.delete.request" for e in events_server.published())
+
+
+# RunControls and the caller check on their own: paths the app reaches only under gunicorn or in a race.
+
+ANSWER = {"status": 200, "body": {"run_id": "run_1"}, "headers": {}}
+
+
+def controls_over(store):
+    return RunControls(store, max_runs_per_account=0, run_capacity=4, idempotency_ttl=60)
+
+
+def first_and_retry(controls, fingerprint="fp"):
+    first = controls.claim("acct-a", "k", fingerprint, "run_1")
+    retry = controls.claim("acct-a", "k", fingerprint, "run_2")
+    assert first.new and retry.holder == "run_1"
+    return first, retry
+
+
+class TestJoin:
+    def test_a_retry_that_cannot_wait_for_the_first_run_is_409_naming_it(self):
+        controls = controls_over(MemoryStore())
+        _, retry = first_and_retry(controls)
+        with pytest.raises(Conflict) as refused:
+            controls.join(retry, "fp", "run_2", wait=0, gone=never)
+        assert refused.value.details == {"run_id": "run_1"} and int(refused.value.headers["Retry-After"]) >= 1
+
+    def test_a_retry_whose_caller_left_stops_waiting_at_once(self):
+        controls = controls_over(MemoryStore())
+        _, retry = first_and_retry(controls)
+        with pytest.raises(Conflict):  # a 60 s wait would run into the test's timeout instead
+            controls.join(retry, "fp", "run_2", wait=60, gone=lambda: "the caller went away")
+
+    def test_a_retry_gets_the_first_answer_once_it_is_remembered(self):
+        controls = controls_over(MemoryStore())
+        first, retry = first_and_retry(controls)
+        controls.remember(first, "run_1", ANSWER)
+        joined = controls.join(retry, "fp", "run_2", wait=5, gone=never)
+        assert joined.answer == ANSWER and not joined.new
+
+    def test_a_retry_runs_itself_when_the_first_answer_is_not_remembered(self):
+        controls = controls_over(MemoryStore())
+        first, retry = first_and_retry(controls)
+        controls.forget(first, "run_1")
+        joined = controls.join(retry, "fp", "run_2", wait=5, gone=never)
+        assert joined.new and joined.scope == retry.scope
+        # The key is the retry's now: a further retry waits for run_2, and run_2's answer is remembered.
+        assert controls.claim("acct-a", "k", "fp", "run_3").holder == "run_2"
+        controls.remember(joined, "run_2", ANSWER)
+        assert controls.claim("acct-a", "k", "fp", "run_3").answer == ANSWER
+
+
+class Clock:
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class TestLeases:
+    """A live run renews what it holds (CONTRACT §7: only a dead process's slots and keys free themselves)."""
+
+    def test_a_live_runs_key_outlasts_its_first_lease(self):
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        controls = controls_over(store)
+        key = controls.claim("acct-a", "k", "fp", "run_1")
+        clock.now += LEASE_SECONDS - 1
+        controls.renew()
+        clock.now += LEASE_SECONDS - 1  # past the first lease, within the renewed one
+        assert store.read_key(key.scope).run_id == "run_1"
+
+    def test_a_live_runs_slot_outlasts_its_first_lease(self):
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        with controls.slot("acct-a", "run_1"):
+            clock.now += LEASE_SECONDS - 1
+            controls.renew()
+            clock.now += LEASE_SECONDS - 1
+            assert store.acquire_slot("acct-a", "run_2", 1, LEASE_SECONDS) == (False, 1)
+
+    def test_a_retry_that_runs_itself_renews_the_key_it_reclaimed(self):
+        clock = Clock()
+        store = MemoryStore(clock=clock)
+        controls = controls_over(store)
+        first, retry = first_and_retry(controls)
+        controls.forget(first, "run_1")
+        joined = controls.join(retry, "fp", "run_2", wait=5, gone=never)
+        clock.now += LEASE_SECONDS - 1
+        controls.renew()
+        clock.now += LEASE_SECONDS - 1
+        assert joined.new and store.read_key(joined.scope).run_id == "run_2"
+
+    def test_nothing_is_renewed_once_every_answer_is_given(self):
+        renewed = []
+
+        class Recording(MemoryStore):
+            def renew(self, slots, keys, lease):
+                renewed.append((list(slots), list(keys)))
+                super().renew(slots, keys, lease)
+
+        controls = RunControls(Recording(), max_runs_per_account=2, run_capacity=4, idempotency_ttl=60)
+        remembered = controls.claim("acct-a", "k1", "fp", "run_1")
+        forgotten = controls.claim("acct-a", "k2", "fp", "run_2")
+        with controls.slot("acct-a", "run_1"):
+            controls.renew()
+            assert sorted(run for _, run in renewed[-1][1]) == ["run_1", "run_2"] and len(renewed[-1][0]) == 1
+        controls.remember(remembered, "run_1", ANSWER)
+        controls.forget(forgotten, "run_2")
+        count = len(renewed)
+        controls.renew()
+        assert len(renewed) == count
+
+
+class Interleaved(MemoryStore):
+    """The first record vanishes, and another request claims the key between a retry's read and its claim."""
+
+    def __init__(self):
+        super().__init__()
+        self.meanwhile = None
+
+    def read_key(self, scope):
+        if self.meanwhile is None:
+            return super().read_key(scope)
+        meanwhile, self.meanwhile = self.meanwhile, None
+        meanwhile(self, scope)
+        return None
+
+
+class TestReclaimRace:
+    def test_another_body_that_took_the_key_first_makes_the_retry_a_422(self):
+        store = Interleaved()
+        controls = controls_over(store)
+        _, retry = first_and_retry(controls)
+        store.meanwhile = lambda s, scope: (s._keys.clear(), s.claim_key(scope, "other-body", "run_3", 30))
+        with pytest.raises(IdempotencyKeyReused):
+            controls.join(retry, "fp", "run_2", wait=5, gone=never)
+
+    def test_a_run_that_took_the_key_and_finished_first_answers_the_retry(self):
+        store = Interleaved()
+        controls = controls_over(store)
+        _, retry = first_and_retry(controls)
+
+        def meanwhile(s, scope):
+            s._keys.clear()
+            s.claim_key(scope, "fp", "run_3", 30)
+            s.finish_key(scope, "run_3", ANSWER, 60)
+
+        store.meanwhile = meanwhile
+        assert controls.join(retry, "fp", "run_2", wait=5, gone=never).answer == ANSWER
+
+    def test_a_run_that_took_the_key_first_is_waited_for_never_run_again(self):
+        store = Interleaved()
+        controls = controls_over(store)
+        _, retry = first_and_retry(controls)
+        store.meanwhile = lambda s, scope: (s._keys.clear(), s.claim_key(scope, "fp", "run_3", 30))
+        # run_3 holds the key and never answers: the retry waits for it, then is refused naming it.
+        with pytest.raises(Conflict) as refused:
+            controls.join(retry, "fp", "run_2", wait=0.3, gone=never)
+        assert refused.value.details == {"run_id": "run_3"}
+
+
+def test_readiness_names_the_store_while_it_is_down(redis_server):
+    controls = controls_over(RedisStore(redis_server.url))
+    try:
+        assert controls.down() is False
+        redis_server.stop()
+        assert controls.down() is True
+        redis_server.start()
+        assert controls.down() is False
+    finally:
+        controls.stop()
+
+
+class TestCallerGone:
+    """A caller whose connection closed is noticed; bytes of a pipelined request are not a close."""
+
+    @pytest.fixture
+    def connection(self):
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            caller = socket.create_connection(server.getsockname(), timeout=5)
+            accepted, _ = server.accept()
+            yield caller, accepted
+            caller.close()
+            accepted.close()
+
+    def test_without_a_socket_nobody_is_gone(self):
+        assert caller_gone({})() is None
+
+    def test_an_open_idle_connection_is_not_gone(self, connection):
+        _, accepted = connection
+        assert caller_gone({"gunicorn.socket": accepted})() is None
+
+    def test_a_pipelined_request_is_not_a_close_and_stays_unread(self, connection):
+        caller, accepted = connection
+        caller.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        gone = caller_gone({"gunicorn.socket": accepted})
+        wait_until(lambda: select.select([accepted], [], [], 0)[0], what="the request bytes")
+        assert gone() is None
+        assert accepted.recv(100) == b"GET /healthz HTTP/1.1\r\n\r\n"
+
+    @pytest.mark.parametrize("leave", ["close", "shutdown"])
+    def test_a_caller_that_closed_is_gone(self, connection, leave):
+        caller, accepted = connection
+        gone = caller_gone({"gunicorn.socket": accepted})
+        if leave == "close":
+            caller.close()
+        else:
+            caller.shutdown(socket.SHUT_WR)
+        wait_until(lambda: gone() == "the caller went away", what="the close noticed")
+
+    def test_a_socket_already_closed_here_is_gone(self, connection):
+        _, accepted = connection
+        gone = caller_gone({"gunicorn.socket": accepted})
+        accepted.close()
+        assert gone() == "the caller went away"
+
+
+class TestCallerLeaves:
+    @pytest.fixture
+    def app_env(self, events_server, responder):
+        return events_env(events_server)
+
+    def test_a_caller_that_leaves_cancels_its_run_by_name(self, app, events_server):
+        """In process, with the socket gunicorn would put in the environ: the close is noticed and the run cancelled."""
+        client = connected(app).test_client()
+        body = {"profile": "never", "args": ["x"], "timeout_seconds": 20}
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            caller = socket.create_connection(server.getsockname(), timeout=5)
+            accepted, _ = server.accept()
+            with caller, accepted:
+                pending = pool.submit(client.post, RUNS, json=body, headers=bearer("acct-a"),
+                                      environ_base={"gunicorn.socket": accepted})
+                [request] = events_server.wait_published(RUN_NAME, 1, timeout=5)
+                caller.close()
+                [cancel] = events_server.wait_published("bus.containers.delete.request", 1, timeout=10)
+                pending.result(timeout=15)
+        assert cancel["payload"] == {"run_id": request["payload"]["run_id"], "owner_account_id": "acct-a"}
+        assert app.extensions["bus_containers"].bus.registry.pending() == 0

@@ -26,6 +26,12 @@ def test_cap_cuts_on_a_character_boundary(text, limit, expected, cut):
     assert len(cap(text, limit)[0].encode()) <= limit
 
 
+def test_cap_takes_output_with_lone_surrogates():
+    # JSON lets an integration send "\ud800"; the answer is capped like any other, never a 500.
+    text, cut = cap("\ud800" * 4 + "abc", 8)
+    assert cut and len(text.encode("utf-8", "surrogatepass")) <= 8
+
+
 @pytest.mark.parametrize("reply,status", [
     ({"exit_code": 0}, "succeeded"),
     ({"exit_code": 1}, "failed"),

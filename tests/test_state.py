@@ -218,6 +218,15 @@ def test_renew_does_not_bring_back_an_expired_or_released_slot(store):
     assert store.acquire_slot("acct-b", "other", 1, 60) == (True, 1)
 
 
+def test_renew_of_a_released_slot_beside_a_held_one_does_nothing(store):
+    store.acquire_slot("acct-a", "kept", 2, 60)
+    store.acquire_slot("acct-a", "released", 2, 60)
+    store.release_slot("acct-a", "released")
+    store.renew([("acct-a", "kept"), ("acct-a", "released")], [], 60)
+    assert store.acquire_slot("acct-a", "other", 2, 60) == (True, 2)
+    assert store.acquire_slot("acct-a", "third", 2, 60) == (False, 2)
+
+
 def test_racing_acquires_take_exactly_the_limit(store):
     results = race(32, lambda i: store.acquire_slot("acct-a", f"run_{i}", 4, 60))
     taken = sorted(held for ok, held in results if ok)
@@ -367,3 +376,41 @@ def test_the_in_process_store_forgets_the_oldest_answers_past_its_bound():
     assert [store.read_key(f"s{n}") is not None for n in range(5)] == [False, False, True, True, True]
     store.claim_key("in-flight", "f", "r", 30)
     assert store.read_key("in-flight") is not None and store.read_key("s2") is None
+
+
+class Clock:
+    """The in-process store's clock, moved by hand: its lease edges are the Redis store's (PX, scores <= now)."""
+
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_record_is_gone_the_moment_its_lease_ends():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    store.claim_key("s", "fp", "run_1", 10)
+    clock.now = 109.999
+    assert store.read_key("s").run_id == "run_1"
+    clock.now = 110.0
+    assert store.read_key("s") is None
+    assert store.claim_key("s", "fp", "run_2", 10).new
+
+
+def test_a_lease_that_ends_now_is_not_renewed():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    store.acquire_slot("acct-a", "run_1", 1, 10)
+    store.claim_key("s", "fp", "run_1", 10)
+    clock.now = 110.0
+    store.renew([("acct-a", "run_1")], [("s", "run_1")], 10)
+    assert store.acquire_slot("acct-a", "run_2", 1, 10) == (True, 1)
+    assert store.claim_key("s", "fp", "run_2", 10).new
+
+
+def test_in_flight_records_are_kept_past_the_bound():
+    store = MemoryStore(max_records=2)
+    assert all(store.claim_key(f"s{n}", "fp", f"run_{n}", 30).new for n in range(3))
+    assert [store.read_key(f"s{n}").run_id for n in range(3)] == ["run_0", "run_1", "run_2"]

@@ -83,6 +83,23 @@ def test_a_reply_published_while_the_stream_was_down_is_caught_up(app, client, e
     assert bus(app).registry.pending() == 0
 
 
+def test_every_reply_published_while_the_stream_was_down_is_caught_up(app, client, events_server):
+    # Another process's reply comes first in the history, then both of ours: the catch-up reads past
+    # what is not ours and stops only once nobody it was looking for still waits.
+    runs = [start_run(client, account) for account in ("acct-a", "acct-b")]
+    requests_ = events_server.wait_published(RUN_REQUEST, count=2)
+    take_stream_down(app, events_server)
+    reply_as_worker(events_server, dict(requests_[0], correlationId="another-process"), stdout="not ours")
+    for request in requests_:
+        reply_as_worker(events_server, request, stdout=f"caught up for {request['payload']['owner_account_id']}")
+    events_server.reset_faults()
+    for (thread, box), account in zip(runs, ("acct-a", "acct-b")):
+        thread.join(15)
+        assert box["response"].status_code == 200
+        assert box["response"].get_json()["stdout"] == f"caught up for {account}"
+    assert bus(app).registry.pending() == 0
+
+
 def test_a_reply_never_published_is_answered_at_the_runs_deadline(app, client, events_server):
     started = time.monotonic()
     thread, box = start_run(client, timeout_seconds=1)

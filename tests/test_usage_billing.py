@@ -28,7 +28,8 @@ def trail(server):
 
 
 @pytest.fixture
-def app_env(events_server):
+def app_env(events_server, responder):
+    # The responder outlives the app: the app's stop flushes usage records it must confirm.
     return events_env(events_server, BUS_CONTAINERS_BILLING_BACKEND="events", BUS_CONTAINERS_USAGE_BACKEND="events")
 
 

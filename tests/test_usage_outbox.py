@@ -143,3 +143,14 @@ def test_records_a_process_held_when_it_died_are_sent_by_another_exactly_once(
         bus.stop()
     assert sorted(r["event_id"] for r in responder.usage_records) == sorted(
         f"run_{n}:{FINISHED}" for n in range(count))
+
+
+def test_a_record_is_takeable_the_moment_its_lease_ends():
+    # As in Redis (a score at most the server's now is due): the in-process store on a clock of its own.
+    now = [100.0]
+    store = MemoryStore(clock=lambda: now[0])
+    store.outbox_put("e1", record(1), 10)
+    now[0] = 109.999
+    assert store.outbox_take(10, 10) == []
+    now[0] = 110.0
+    assert store.outbox_take(10, 10) == [record(1)]

@@ -1,6 +1,8 @@
 """Print the mutation score and the surviving mutants of the last `mutmut run` (see docs/testing.md).
 
 Usage: python tools/mutation_report.py MODULE... (dotted under bus_containers_provider, e.g. auth backends bus.replies)
+       python tools/mutation_report.py --not-run MODULE...   (the names of the mutants not killed yet: left
+       unrun by a time bound, survived, or without tests; for `make mutation RESUME=1`)
 """
 import json
 import sys
@@ -23,8 +25,13 @@ def results(prefixes):
 
 
 def main(modules):
+    not_run = modules[:1] == ["--not-run"]
+    modules = modules[1:] if not_run else modules
     prefixes = [f"{PACKAGE}.{module}." for module in modules] or [f"{PACKAGE}."]
     found = list(results(prefixes))
+    if not_run:
+        print(" ".join(name for name, code in found if code is None or code in SURVIVED | NO_TESTS))
+        return 0
     if not found:
         print("no mutation results: run `make mutation` first")
         return 1

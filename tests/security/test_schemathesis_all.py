@@ -37,6 +37,9 @@ def live():
         yield process
 
 
+# The campaign is CPU-bound: with both cores busy it ran past the suite's default 120 s.
+# Its bound is the campaign's own, below.
+@pytest.mark.timeout(660)
 @pytest.mark.parametrize("audience", sorted(AUDIENCES))
 def test_every_check_passes(live, audience, tmp_path):
     headers, paths, phases = AUDIENCES[audience]
@@ -55,7 +58,7 @@ def test_every_check_passes(live, audience, tmp_path):
     env = dict(os.environ, SCHEMATHESIS_HOOKS="schemathesis_hooks",
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     # cwd: schemathesis keeps a cache directory where it runs.
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-3000:]
     assert "No tests were run" not in result.stdout
     # The token never reaches the output (schemathesis filters it; the provider never echoes it).
