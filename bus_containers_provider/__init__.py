@@ -38,7 +38,11 @@ def create_app(config: Optional[Union[Settings, Mapping[str, str]]] = None) -> F
 
 def start(app: Flask) -> None:
     """Start the app's background listeners (in a worker, after fork)."""
-    app.extensions["bus_containers"].start()
+    from . import metrics
+
+    provider = app.extensions["bus_containers"]
+    metrics.switch_on(provider.settings)
+    provider.start()
 
 
 def stop(app: Flask) -> None:

@@ -116,7 +116,8 @@ class VerifiedTokens:
         if entry is None:
             return None
         if not self._clock() < entry[0]:
-            self._entries.pop(key, None)
+            with self._lock:  # put() drops the oldest under the same lock: never both at once
+                self._entries.pop(key, None)
             return None
         return entry[1]
 

@@ -57,8 +57,9 @@ RETRY_AFTER_SECONDS = 1
 # A graceful close waits this long for the client's FIN (RFC 9112 §9.6), as gunicorn does.
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 64 * 1024
-# Starting every request thread at boot is bounded by this (a few thousand take well under a second).
-THREAD_START_TIMEOUT = 60.0
+# Starting every request thread at boot is bounded by this (a few thousand take well under a second),
+# well inside gunicorn's worker timeout (30 s): no heartbeat is sent until boot is over.
+THREAD_START_TIMEOUT = 10.0
 
 
 def write_json_error(sock, status_int, reason, mesg):

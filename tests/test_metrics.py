@@ -438,10 +438,12 @@ def test_without_metrics_addr_nothing_is_exported_or_imported():
 
 
 def test_metrics_addr_outside_the_provider_gunicorn_records_nothing(caplog):
-    from bus_containers_provider import create_app, metrics
+    from bus_containers_provider import create_app, metrics, start, stop
 
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     app = create_app(env(BUS_CONTAINERS_METRICS_ADDR="127.0.0.1:9"))
+    start(app)  # where a worker switches metrics on
+    stop(app)
     assert "no metrics are recorded" in caplog.text
     assert not metrics.enabled()
     response = app.test_client().get("/metrics")
@@ -489,3 +491,12 @@ def test_an_unreadable_file_is_a_json_503_with_retry_after(tmp_path):
     assert status.startswith("503")
     assert headers["Content-Type"] == "application/json" and headers["Retry-After"] == "1"
     assert json.loads(body)["error"]["type"] == "unavailable"
+
+
+def test_with_preload_each_worker_records():
+    """--preload builds the app in the master before it makes the directory: workers switch on after fork."""
+    env = provider_env(BUS_CONTAINERS_WORKERS="2", BUS_CONTAINERS_METRICS_ADDR=f"127.0.0.1:{free_port()}")
+    with gunicorn_conf("--preload", env=env) as process:
+        provider = with_metrics(process)
+        sent, _ = until_both_workers_served(provider)
+        assert requests_total(scrape(provider.metrics_url), RUNS, "POST", 200) == sent

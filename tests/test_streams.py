@@ -250,3 +250,19 @@ def test_a_late_reply_is_logged_once_without_its_payload(app, client, events_ser
     [line] = [r for r in caplog.records if request["correlationId"] in r.getMessage()]
     assert line.levelno == logging.INFO and RUN_REPLY in line.getMessage()
     assert "private-output" not in caplog.text
+
+
+def test_retry_off_a_stream_that_never_opens_is_refused_at_once(events_server):
+    """A first connect refused, with retry off: down now (nothing waits on it yet), not after the grace."""
+    from bus_containers_provider import create_app, start, stop
+
+    events_server.fail_streams(503)
+    app = create_app(events_env(events_server, BUS_EVENTS_LISTENER_RETRY="0", BUS_EVENTS_LISTENER_DOWN_GRACE="30s"))
+    start(app)
+    try:
+        wait_until(lambda: bus(app).registry.is_down(RUN_REPLY), what="the refused stream marked down")
+        response = app.test_client().post(RUNS, headers=bearer(), json={"profile": "codex", "args": ["x"]})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+    finally:
+        events_server.reset_faults()
+        stop(app)

@@ -81,6 +81,7 @@ class Listener(threading.Thread):
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._connected = threading.Event()
+        self._was_up = False
         self._readers = []
         self._catch_up_response = None
         self._grace_timer = None
@@ -209,8 +210,9 @@ class Listener(threading.Thread):
     def _stay_down(self, reason: str) -> None:
         log.error("the %s listener stays down (BUS_EVENTS_LISTENER_RETRY is not set)", self.reply_name)
         with self._state_lock:
-            if self._grace_timer is not None:
+            if self._was_up and self._grace_timer is not None:
                 return  # a stream that dropped: its waiters fail when the down grace ends (§5)
+            self._cancel_grace()  # one that never opened: refused now, nothing waits on it yet
             self._registry.mark_down(self.reply_name, reason)
 
     def _up(self, replacing: bool) -> None:
@@ -218,6 +220,7 @@ class Listener(threading.Thread):
             self._cancel_grace()
             self._registry.mark_up(self.reply_name)
             self._connected.set()
+            self._was_up = True
         metrics.listener_state(self.reply_name, True)
         if replacing:
             log.debug("replaced the idle %s stream", self.reply_name)

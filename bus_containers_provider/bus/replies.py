@@ -70,7 +70,7 @@ class CancelWatch:
 class Waiter:
     """One request's wait for its reply; completed at most once."""
 
-    __slots__ = ("reply_name", "correlation_id", "_done", "_envelope", "_error", "_watch")
+    __slots__ = ("reply_name", "correlation_id", "_done", "_envelope", "_error", "_watch", "_lock")
 
     def __init__(self, reply_name: str, correlation_id: str, watch: Optional[CancelWatch] = None):
         self.reply_name = reply_name
@@ -79,11 +79,16 @@ class Waiter:
         self._envelope = None
         self._error = None
         self._watch = watch
+        # The listener (a reply) and the cancel watch (a caller gone) may complete it at once: the first wins.
+        self._lock = threading.Lock()
 
-    def _complete(self, envelope=None, error=None) -> None:
-        if not self._done.is_set():
+    def _complete(self, envelope=None, error=None) -> bool:
+        with self._lock:
+            if self._done.is_set():
+                return False
             self._envelope, self._error = envelope, error
             self._done.set()
+            return True
 
     @property
     def answered(self) -> bool:

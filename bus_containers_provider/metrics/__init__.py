@@ -37,9 +37,23 @@ def enabled() -> bool:
 
 
 def init_app(app, settings) -> None:
-    """With --metrics-addr, count every request of `app` and switch the calls below on."""
-    global _series
+    """With --metrics-addr, count every request of `app`; the calls below switch on with switch_on()."""
     if settings.metrics_addr is None:
+        return
+    app.before_request(_begin)
+    app.after_request(_finish)
+    if os.environ.get(MULTIPROC_DIR):
+        switch_on(settings)
+
+
+def switch_on(settings) -> None:
+    """Record from here on, once the master has made the multiprocess directory.
+
+    Called again in each worker after fork (start()): with --preload the app is
+    built in the master before its on_starting hook makes the directory.
+    """
+    global _series
+    if settings.metrics_addr is None or _series is not None:
         return
     if not os.environ.get(MULTIPROC_DIR):
         # Only the provider's gunicorn hooks create the directory and the listener that reads it.
@@ -49,8 +63,6 @@ def init_app(app, settings) -> None:
     from . import series
 
     _series = series
-    app.before_request(_begin)
-    app.after_request(_finish)
 
 
 @functools.lru_cache(maxsize=256)
