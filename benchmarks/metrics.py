@@ -2,12 +2,13 @@
 
 Two providers with the same settings (static backend, 1 worker, 32 threads,
 every thread free for runs, no per-account limit: every request comes from
-one account), one with --metrics-addr, loaded by wrk in alternating rounds.
+one account), one with --metrics-addr, each loaded by its own wrk at the same time.
 The one with metrics is scraped once a second during its rounds, more often
 than a Prometheus would (15 s). CPU per request (master, worker and metrics
 listener together) is the figure: another engineer's load on a shared
 machine disturbs it far less than throughput.
 """
+import concurrent.futures
 import os
 import threading
 
@@ -52,11 +53,11 @@ def run(table, rounds: int = ROUNDS) -> dict:
         wrk(plain.url, 2), wrk(metered.url, 2)  # warm both
         rows = []
         for n in range(rounds):
-            # A B, then B A: a drift in the machine's load falls on both sides alike.
-            if n % 2:
-                with_metrics, without = scraped_round(metered, metrics_addr), measured(plain)
-            else:
-                without, with_metrics = measured(plain), scraped_round(metered, metrics_addr)
+            # Both sides loaded at the same time: whatever else the machine does falls on both alike.
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                without = pool.submit(measured, plain)
+                with_metrics = pool.submit(scraped_round, metered, metrics_addr)
+                without, with_metrics = without.result(), with_metrics.result()
             rows.append((without, with_metrics))
             print(f"    round {n + 1}: without {without[0]:6.0f} req/s {without[1]:5.0f} µs CPU/req   "
                   f"with --metrics-addr {with_metrics[0]:6.0f} req/s {with_metrics[1]:5.0f} µs CPU/req", flush=True)
