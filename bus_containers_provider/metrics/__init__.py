@@ -81,9 +81,17 @@ def _finish(response):
         route = route_label(request.url_rule.rule) if request.url_rule is not None else UNMATCHED
         method = request.method if request.method in METHODS else "other"
         elapsed = time.perf_counter() - g.get("metrics_started", time.perf_counter())
-        s.HTTP_REQUESTS.labels(route, method, str(response.status_code)).inc()
-        s.HTTP_DURATION.labels(route, method).observe(elapsed)
+        requests_total, duration = _request_series(route, method, response.status_code)
+        requests_total.inc()
+        duration.observe(elapsed)
     return response
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_series(route: str, method: str, status: int):
+    """The two children a request updates; labels() takes its metric's lock, so once per label set."""
+    return (_series.HTTP_REQUESTS.labels(route, method, str(status)),
+            _series.HTTP_DURATION.labels(route, method))
 
 
 def _pick(value, allowed, fallback: str) -> str:
@@ -102,7 +110,12 @@ def run_finished(status) -> None:
     """A run started with run_started() has its answer; `status` is its §7 outcome."""
     if (s := _series) is not None:
         s.RUNS_IN_FLIGHT.dec()
-        s.RUNS.labels(_pick(status, RUN_STATUSES, "error")).inc()
+        _run_series(_pick(status, RUN_STATUSES, "error")).inc()
+
+
+@functools.lru_cache(maxsize=None)  # one per §7 status
+def _run_series(status: str):
+    return _series.RUNS.labels(status)
 
 
 def run_failed(exc: BaseException) -> None:
