@@ -213,23 +213,25 @@ class ProviderWorker(ThreadWorker):
         # Only the head counts: one read may bring a whole head and the start of a large body.
         end = conn.head.find(b"\r\n\r\n")
         if (end if end >= 0 else len(conn.head)) > self.max_head_bytes:
-            self._forget_head(conn)
             try:
                 write_json_error(conn.sock, 431, "Request Header Fields Too Large", "")
             except OSError:
                 pass
-            self.nr_conns -= 1
-            conn.close()
+            self._drop_head(conn)
         elif self._head_complete(conn):
             self._forget_head(conn)
             self._dispatch(conn)
 
-    def _forget_head(self, conn):
-        self.heads.pop(conn, None)
+    def _unwatch(self, waiting: dict, conn):
+        """Take `conn` out of `waiting` (heads or lingering) and out of the poller, wherever it still is."""
+        waiting.pop(conn, None)
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
+
+    def _forget_head(self, conn):
+        self._unwatch(self.heads, conn)
 
     def _drop_head(self, conn):
         self._forget_head(conn)
@@ -287,11 +289,7 @@ class ProviderWorker(ThreadWorker):
             self._end_linger(conn)
 
     def _end_linger(self, conn):
-        self.lingering.pop(conn, None)
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unwatch(self.lingering, conn)
         util.close(conn.sock)
 
     def _keepalive_after(self, conn, keepalive):
