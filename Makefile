@@ -52,6 +52,7 @@ soak: $(BIN)/.installed
 # not killed yet (left unrun by a time bound, survived, without tests), keeping the other results.
 MUTATE ?= auth billing usage errors backends bus.replies
 MUTATION_TIME ?= 2400
+MUTATION_CHILDREN ?= 2
 MUTANTS = $(if $(RESUME),$(shell test -d mutants && $(BIN)/python tools/mutation_report.py --not-run $(MUTATE)),\
 	$(foreach m,$(MUTATE),"bus_containers_provider.$(m).*"))
 $(BIN)/.mutation-installed: $(BIN)/.installed
@@ -59,7 +60,7 @@ $(BIN)/.mutation-installed: $(BIN)/.installed
 	touch $@
 
 mutation: $(BIN)/.mutation-installed
-	$(if $(strip $(MUTANTS)),timeout $(MUTATION_TIME) $(BIN)/mutmut run --max-children 2 \
+	$(if $(strip $(MUTANTS)),timeout $(MUTATION_TIME) $(BIN)/mutmut run --max-children $(MUTATION_CHILDREN) \
 		$(MUTANTS) > mutants.log 2>&1 || test $$? -eq 124,@echo "mutation: nothing left to run")
 	$(BIN)/python tools/mutation_report.py $(MUTATE)
 
