@@ -190,7 +190,10 @@ class ProviderWorker(ThreadWorker):
         conn.sock.setblocking(False)
         conn.head_deadline = time.monotonic() + self.head_timeout
         self.heads[conn] = None
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_readable, conn))
+        # A kept-alive connection comes here because it is readable, and a new one has often
+        # sent its request already: read at once, and wait in the poller only if nothing is there.
+        if not self._read_head(conn, watched=False):
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_readable, conn))
 
     def _head_complete(self, conn) -> bool:
         head = conn.head
@@ -201,14 +204,19 @@ class ProviderWorker(ThreadWorker):
         return b"\n" not in head and len(head) > line_limit + 2
 
     def _on_head_readable(self, conn, _sock):
+        self._read_head(conn, watched=True)
+
+    def _read_head(self, conn, watched: bool) -> bool:
+        """Read what has arrived of the head: True once the connection is dispatched or dropped."""
         try:
             data = conn.sock.recv(self.max_head_bytes + 1)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
-            return self._drop_head(conn)
+            self._drop_head(conn, watched)
+            return True
         conn.head += data
         # Only the head counts: one read may bring a whole head and the start of a large body.
         end = conn.head.find(b"\r\n\r\n")
@@ -217,24 +225,29 @@ class ProviderWorker(ThreadWorker):
                 write_json_error(conn.sock, 431, "Request Header Fields Too Large", "")
             except OSError:
                 pass
-            self._drop_head(conn)
-        elif self._head_complete(conn):
-            self._forget_head(conn)
+            self._drop_head(conn, watched)
+            return True
+        if self._head_complete(conn):
+            self._forget_head(conn, watched)
             self._dispatch(conn)
+            return True
+        return False
 
-    def _unwatch(self, waiting: dict, conn):
-        """Take `conn` out of `waiting` (heads or lingering) and out of the poller, wherever it still is."""
+    def _unwatch(self, waiting: dict, conn, watched: bool = True):
+        """Take `conn` out of `waiting` (heads or lingering) and, if `watched`, out of the poller."""
         waiting.pop(conn, None)
+        if not watched:
+            return
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
 
-    def _forget_head(self, conn):
-        self._unwatch(self.heads, conn)
+    def _forget_head(self, conn, watched: bool = True):
+        self._unwatch(self.heads, conn, watched)
 
-    def _drop_head(self, conn):
-        self._forget_head(conn)
+    def _drop_head(self, conn, watched: bool = True):
+        self._forget_head(conn, watched)
         self.nr_conns -= 1
         conn.close()
 
