@@ -118,12 +118,14 @@ def through_provider(events_url: str, in_flight: int) -> dict:
         result = post_runs(provider.url, caller, in_flight, profile=HOLD, timeout=TIMEOUT)
         sampler.done.set()
         sampler.join(2)
-        stack = stack_kib(sampler.workers[0])
+        # Workers inherit the master's limits; a worker may have been replaced meanwhile.
+        stack = stack_kib(provider.pid)
+        replaced = sorted(set(sampler.workers) - set(tree(provider.pid)[1:]))
     result.update(threads=threads, capacity=Settings(jwt_secret="x", threads=threads).run_capacity,
                   stack_kib=stack, base_rss=base,
                   # Request threads start at boot, so the idle figure holds their stacks: count from a 32-thread one.
                   rss_per_run=(sampler.peak_rss - base) / max(result["ok"], 1), idle_rss=sampler.idle_rss,
-                  peak_rss=sampler.peak_rss, split=sampler.split())
+                  peak_rss=sampler.peak_rss, split=sampler.split(), replaced=replaced)
     return result
 
 
@@ -151,6 +153,9 @@ def run(table, counts=(1000, 5000), in_repo: bool = True) -> dict:
             others = {k: v for k, v in result["statuses"].items() if k != 200}
             if errors or result["crossed"]:
                 table.error(f"capacity {count}", f"{errors} failed {others}, {result['crossed']} crossed")
+            if result["replaced"]:
+                # Its figures measured a restart, not the provider holding the runs.
+                table.error(f"capacity {count}", f"worker(s) {result['replaced']} exited during the run")
             clean = not errors and not result["crossed"]
             over = result["wall"] - alone
             first = count == counts[0]
