@@ -110,7 +110,7 @@ class TestIdempotencyKeyEvents:
     def app_env(self, events_server, responder):
         # The responder outlives the app: the app's stop flushes usage records it must confirm.
         return events_env(events_server, BUS_CONTAINERS_USAGE_BACKEND="events",
-                          BUS_CONTAINERS_BILLING_BACKEND="events", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="1s")
+                          BUS_CONTAINERS_BILLING_BACKEND="events", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="200ms")
 
     @pytest.fixture
     def client(self, app, responder):
@@ -205,8 +205,10 @@ class TestAccountSlots:
     @pytest.fixture
     def app_env(self, events_server, responder):
         # The responder outlives the app: the app's stop flushes usage records it must confirm.
+        # A short grace: the reply-timeout case waits its 1 s run plus this, three times over.
         return events_env(events_server, BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT="2",
-                          BUS_CONTAINERS_USAGE_BACKEND="events", BUS_CONTAINERS_BILLING_BACKEND="events")
+                          BUS_CONTAINERS_USAGE_BACKEND="events", BUS_CONTAINERS_BILLING_BACKEND="events",
+                          BUS_CONTAINERS_RUN_TIMEOUT_GRACE="200ms")
 
     @pytest.fixture
     def client(self, app, responder):
