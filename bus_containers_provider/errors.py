@@ -172,7 +172,7 @@ def _events_error(exc):
 
 def _unexpected(exc: Exception):
     # A bug, not an input: log it whole, answer with the envelope, never a page.
-    log.exception("unhandled error")
+    log.exception("unhandled error")  # pragma: no mutate
     return error_response(500, "internal_error", "internal error")
 
 
