@@ -10,7 +10,7 @@ from bus_containers_provider.backends.static import StaticBackend
 from bus_containers_provider.billing import EventsBilling, denial
 from bus_containers_provider.errors import BillingRequired, Unavailable
 from bus_containers_provider.usage import EventsUsage
-from conftest import AnsweringBus
+from conftest import AnsweringBus, Changes
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -102,3 +102,49 @@ def test_the_static_backend_forgets_its_oldest_runs_beyond_its_bound():
     assert [item["id"] for item in backend.runs("acct-a")] == ["run_1", "run_2"]
     backend.run(run_request(3), Watch())
     assert [item["id"] for item in backend.runs("acct-a")] == ["run_2", "run_3"]
+
+
+# What counts under which label (README, "Metrics"): billing denials by action, usage records lost by reason.
+
+@pytest.mark.parametrize("reply,action", [
+    ({"allowed": False, "reason": "billing_required"}, "setup_billing"),
+    ({"allowed": False, "reason": "quota_exceeded"}, "upgrade_plan"),
+    ({"allowed": False, "action": "call_sales"}, "other"),
+])
+def test_a_billing_denial_counts_under_its_action(counted, reply, action):
+    with Changes(counted, "bus_containers_billing_denials_total", "action",
+                 ["setup_billing", "upgrade_plan", "other"]) as changes:
+        with pytest.raises(BillingRequired):
+            EventsBilling(AnsweringBus({"payload": reply}), 1).check("acct-a")
+    assert changes.delta == {action: 1}
+
+
+LOST = "bus_containers_usage_records_lost_total"
+PENDING = "bus_containers_usage_records_pending"
+
+
+def lost(counted):
+    return Changes(counted, LOST, "reason", ["attempts", "backlog_full", "shutdown"])
+
+
+def test_a_record_given_up_after_its_attempts_counts_as_lost_attempts(counted):
+    usage = EventsUsage(FailingBus(), 1, retry_delay=0.001, senders=1)
+    with lost(counted) as changes:
+        usage.start()
+        usage.record_later(EVENT)
+        wait_for(lambda: counted(LOST, reason="attempts") > changes.before["attempts"])
+        usage.stop()
+    assert changes.delta == {"attempts": 1}
+    assert counted(PENDING) == 0
+
+
+def test_a_record_over_the_backlog_counts_as_backlog_full_and_the_queued_ones_at_shutdown(counted):
+    usage = EventsUsage(FailingBus(), 1, flush_timeout=0)
+    usage.BACKLOG = 2  # never started: records stay queued
+    with lost(counted) as changes:
+        for n in range(3):
+            usage.record_later(dict(EVENT, event_id=f"run_{n}:container_run_finished", data={"run_id": f"run_{n}"}))
+        assert counted(PENDING) == 2
+        usage.stop()
+    assert changes.delta == {"backlog_full": 1, "shutdown": 2}
+    assert counted(PENDING) == 0

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from bus_containers_provider.controls import LEASE_SECONDS, RunControls, caller_gone, never
-from bus_containers_provider.errors import Conflict, IdempotencyKeyReused
+from bus_containers_provider.controls import LEASE_SECONDS, Capacity, RunControls, caller_gone, never
+from bus_containers_provider.errors import Conflict, IdempotencyKeyReused, TooManyRuns, Unavailable
 from bus_containers_provider.state.memory import MemoryStore
 from bus_containers_provider.state.redis import RedisStore
-from conftest import bearer, connected, env, events_env
+from conftest import Changes, bearer, connected, env, events_env
 from inflight import wait_until
 
 RUNS = "/api/v1/containers/runs"
@@ -565,3 +565,52 @@ class TestCallerLeaves:
                 pending.result(timeout=15)
         assert cancel["payload"] == {"run_id": request["payload"]["run_id"], "owner_account_id": "acct-a"}
         assert app.extensions["bus_containers"].bus.registry.pending() == 0
+
+
+# Each refusal counts under its own reason (README, "Metrics": bus_containers_run_rejections_total).
+
+def rejections(counted):
+    return Changes(counted, "bus_containers_run_rejections_total", "reason",
+                   ["too_many_runs", "conflict", "idempotency_key_reused", "capacity", "other"])
+
+
+class TestRejectionsCounted:
+    def test_a_key_reused_with_another_body(self, counted):
+        controls = controls_over(MemoryStore())
+        controls.claim("acct-a", "k", "fp", "run_1")
+        with rejections(counted) as changes, pytest.raises(IdempotencyKeyReused):
+            controls.claim("acct-a", "k", "other-body", "run_2")
+        assert changes.delta == {"idempotency_key_reused": 1}
+
+    def test_a_retry_that_finds_the_key_taken_by_another_body(self, counted):
+        store = Interleaved()
+        controls = controls_over(store)
+        _, retry = first_and_retry(controls)
+        store.meanwhile = lambda s, scope: (s._keys.clear(), s.claim_key(scope, "other-body", "run_3", 30))
+        with rejections(counted) as changes, pytest.raises(IdempotencyKeyReused):
+            controls.join(retry, "fp", "run_2", wait=5, gone=never)
+        assert changes.delta == {"idempotency_key_reused": 1}
+
+    def test_a_retry_that_cannot_wait(self, counted):
+        controls = controls_over(MemoryStore())
+        _, retry = first_and_retry(controls)
+        with rejections(counted) as changes, pytest.raises(Conflict):
+            controls.join(retry, "fp", "run_2", wait=0, gone=never)
+        assert changes.delta == {"conflict": 1}
+
+    def test_a_full_account(self, counted):
+        controls = RunControls(MemoryStore(), max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        with controls.slot("acct-a", "run_1"):
+            with rejections(counted) as changes, pytest.raises(TooManyRuns):
+                with controls.slot("acct-a", "run_2"):
+                    pass
+        assert changes.delta == {"too_many_runs": 1}
+
+    @pytest.mark.parametrize("refusal,reason", [(None, "capacity"), (Conflict(), "conflict")])
+    def test_a_full_capacity_as_capacity_or_as_the_retrys_conflict(self, counted, refusal, reason):
+        capacity = Capacity(1)
+        with capacity.hold():
+            with rejections(counted) as changes, pytest.raises(Unavailable if refusal is None else Conflict):
+                with capacity.hold(refusal):
+                    pass
+        assert changes.delta == {reason: 1}
