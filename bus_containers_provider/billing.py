@@ -58,9 +58,9 @@ def denial(reply: dict) -> BillingRequired:
     command = reply.get("command") or DEFAULT_COMMAND
     metrics.billing_denied(action)
     if quota:
-        message = ("the {meter} quota for {feature} is used up for this {window}: {used:g} of {limit:g}"
-                   .format(**quota))
+        message = ("the {meter} quota for {feature} is used up for this {window}: {used:g} of {limit:g}"  # pragma: no mutate
+                   .format(**quota))  # pragma: no mutate
     else:
-        message = reply.get("message") or "billing is not set up for container runs"
+        message = reply.get("message") or "billing is not set up for container runs"  # pragma: no mutate
     return BillingRequired(f"{message}; run `{command}`", action=action, command=command,
                            details={"reason": reason, **({"quota": quota} if quota else {})})

@@ -146,7 +146,7 @@ def _provider_error(exc: ProviderError):
 def _http_error(exc: HTTPException):
     status = exc.code or 500
     headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "www-authenticate", "retry-after")}
-    message = (exc.description or exc.name).strip()
+    message = (exc.description or exc.name).strip()  # pragma: no mutate
     return error_response(status, HTTP_TYPES.get(status, exc.name.lower().replace(" ", "_")), message,
                           headers=headers)
 
