@@ -614,3 +614,30 @@ class TestRejectionsCounted:
                 with capacity.hold(refusal):
                     pass
         assert changes.delta == {reason: 1}
+
+
+class FakeTime:
+    """time.monotonic and time.sleep for the controls module: sleeping moves the clock, and nothing else does."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.mark.parametrize("wait", [0.3, 2.0, 5.0])
+def test_a_joined_retry_gives_up_within_its_own_wait_never_after(monkeypatch, wait):
+    """§7: a retry of a run in flight waits for its answer bounded by its own run wait."""
+    import bus_containers_provider.controls as controls_module
+
+    clock = FakeTime()
+    monkeypatch.setattr(controls_module, "time", clock)
+    controls = controls_over(MemoryStore())
+    _, retry = first_and_retry(controls)
+    with pytest.raises(Conflict):
+        controls.join(retry, "fp", "run_2", wait=wait, gone=never)
+    assert 0 < clock.now <= wait
