@@ -104,3 +104,13 @@ def test_mint_token_issues_now_for_the_ttl_as_a_jwt():
                              options={"verify_exp": False, "verify_iat": False})
     assert claims_read == {"sub": "acct-x", "aud": "ai.hg.fi/api", "scope": "container:read",
                            "iat": 1_000_000, "exp": 1_003_600}
+
+
+@pytest.mark.parametrize("claim,value,accepted", [
+    ("exp", 2 ** 53 - 1, True), ("exp", 2 ** 53, False),
+    ("iat", -(2 ** 53) + 1, True), ("iat", -(2 ** 53), False),
+    ("nbf", -(2 ** 53) + 1, True), ("nbf", -(2 ** 53), False),
+])
+def test_numeric_dates_stay_below_2_53(client, claim, value, accepted):
+    """§2: a NumericDate is below 2^53 (in size: an exact integer in every JSON reader), on both sides."""
+    check(client, lambda now: {claim: value}, accepted)
