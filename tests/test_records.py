@@ -148,3 +148,101 @@ def test_a_record_over_the_backlog_counts_as_backlog_full_and_the_queued_ones_at
         usage.stop()
     assert changes.delta == {"backlog_full": 1, "shutdown": 2}
     assert counted(PENDING) == 0
+
+
+class ScriptedBus:
+    """Answers usage records by event_id: recorded, refused a number of times first, or never (held).
+
+    A held request waits as a real one does, up to the timeout it was given, and then raises
+    Unavailable (a reply timeout); `release` ends every wait at once (the test is over).
+    """
+
+    def __init__(self, refuse=None, hold=()):
+        self.refuse = dict(refuse or {})
+        self.hold = set(hold)
+        self.recorded = []
+        self.timeouts = []
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+
+    def request(self, name, payload, timeout):
+        event_id = payload["event_id"]
+        with self.lock:
+            self.timeouts.append((event_id, timeout))
+            if self.refuse.get(event_id, 0) > 0:
+                self.refuse[event_id] -= 1
+                return {"payload": {"recorded": False}}
+        if event_id in self.hold:
+            self.released.wait(timeout)
+            raise Unavailable("no reply in time")
+        with self.lock:
+            self.recorded.append(event_id)
+        return {"payload": {"recorded": True}}
+
+    def tries(self, event_id):
+        with self.lock:
+            return [t for e, t in self.timeouts if e == event_id]
+
+
+def finished(n):
+    return dict(EVENT, event_id=f"run_{n}:container_run_finished", data={"run_id": f"run_{n}"})
+
+
+def test_a_record_without_a_reply_holds_no_other_record():
+    bus = ScriptedBus(hold={"run_0:container_run_finished"})
+    usage = EventsUsage(bus, 30, senders=2)
+    usage.start()
+    try:
+        for n in range(6):
+            usage.record_later(finished(n))
+        wait_for(lambda: len(bus.recorded) == 5)
+        assert "run_0:container_run_finished" not in bus.recorded
+    finally:
+        bus.hold.clear()
+        bus.released.set()
+        usage.stop()
+
+
+def test_a_refused_record_is_tried_again_after_its_backoff_and_recorded():
+    bus = ScriptedBus(refuse={"run_1:container_run_finished": 2})
+    usage = EventsUsage(bus, 5, retry_delay=0.01, senders=1)
+    usage.start()
+    try:
+        usage.record_later(finished(1))
+        wait_for(lambda: bus.recorded == ["run_1:container_run_finished"])
+    finally:
+        usage.stop()
+    assert len(bus.tries("run_1:container_run_finished")) == 3
+
+
+def test_stop_sends_at_once_the_records_waiting_out_a_retry(counted):
+    bus = ScriptedBus(refuse={f"run_{n}:container_run_finished": 1 for n in range(3)})
+    usage = EventsUsage(bus, 5, retry_delay=3600.0, senders=2)  # a refused record would wait an hour
+    usage.start()
+    for n in range(3):
+        usage.record_later(finished(n))
+    wait_for(lambda: all(bus.tries(f"run_{n}:container_run_finished") for n in range(3)))
+    with Changes(counted, "bus_containers_usage_records_lost_total", "reason", ["shutdown"]) as lost:
+        usage.stop()
+    assert sorted(bus.recorded) == [f"run_{n}:container_run_finished" for n in range(3)]
+    assert lost.delta == {}
+
+
+def test_a_flush_is_bounded_by_its_timeout_not_by_the_request_timeout(counted):
+    bus = ScriptedBus(refuse={"run_1:container_run_finished": 1})
+    usage = EventsUsage(bus, 60, retry_delay=3600.0, senders=2, flush_timeout=0.5)
+    usage.start()
+    try:
+        usage.record_later(finished(1))
+        wait_for(lambda: bus.tries("run_1:container_run_finished"))
+        bus.hold.add("run_1:container_run_finished")  # its retry, sent during the flush, gets no reply either
+        senders = list(usage._threads)
+        with Changes(counted, "bus_containers_usage_records_lost_total", "reason", ["shutdown"]) as lost:
+            usage.stop()
+        # The retry sent during the flush waited only what was left of the flush, not 60 s.
+        first, retry = bus.tries("run_1:container_run_finished")
+        assert first == 60 and 0 < retry <= 0.5
+        assert lost.delta == {"shutdown": 1}
+        assert not [t for t in senders if t.is_alive()]  # nothing keeps sending once stop() returned
+    finally:
+        bus.released.set()
