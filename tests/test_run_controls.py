@@ -59,6 +59,12 @@ class TestIdempotencyKeyStatic:
                           headers={**bearer(), "Idempotency-Key": "k", "Content-Type": "application/json"})
         assert raw.get_json()["run_id"] == first.get_json()["run_id"]
 
+    def test_the_order_of_env_entries_does_not_matter(self, client):
+        first = post(client, dict(BODY, env={"A": "1", "B": "2", "C": "3"}), key="env-order")
+        again = post(client, dict(BODY, env={"C": "3", "A": "1", "B": "2"}), key="env-order")
+        assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_json()["run_id"] == first.get_json()["run_id"]
+
     @pytest.mark.parametrize("other", [
         {"image": "alpine", "command": ["echo", "other"], "timeout_seconds": 20},
         {"image": "alpine", "command": ["echo", "hi"], "timeout_seconds": 21},
