@@ -8,7 +8,8 @@ import pytest
 from bus_containers_provider.backends import RunRequest, Watch
 from bus_containers_provider.backends.static import StaticBackend
 from bus_containers_provider.billing import EventsBilling, denial
-from bus_containers_provider.errors import BillingRequired, Unavailable
+from bus_containers_provider.errors import BillingRequired, StateUnavailable, Unavailable
+from bus_containers_provider.state.memory import MemoryStore
 from bus_containers_provider.usage import EventsUsage
 from conftest import AnsweringBus, Changes
 
@@ -246,3 +247,106 @@ def test_a_flush_is_bounded_by_its_timeout_not_by_the_request_timeout(counted):
         assert not [t for t in senders if t.is_alive()]  # nothing keeps sending once stop() returned
     finally:
         bus.released.set()
+
+
+# The usage outbox (README, "Usage and billing"): pending records kept in the shared store until confirmed.
+
+class Clock:
+    def __init__(self, now=100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class UnreachableOutbox(MemoryStore):
+    def outbox_put(self, event_id, record, lease):
+        raise StateUnavailable()
+
+
+def outbox_usage(bus, store, **kwargs):
+    usage = EventsUsage(bus, 30, outbox=store, **kwargs)
+    usage.OUTBOX_EVERY = 3600.0  # no renewal or take unless a test asks for them
+    return usage
+
+
+def test_a_pending_record_is_kept_in_the_outbox_until_it_is_confirmed():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    bus = ScriptedBus(hold={EVENT["event_id"]})
+    usage = outbox_usage(bus, store, retry_delay=0.01, senders=1)
+    usage.start()
+    try:
+        usage.record_later(EVENT)
+        wait_for(lambda: bus.tries(EVENT["event_id"]))
+        clock.now += EventsUsage.OUTBOX_LEASE  # its lease passed: another process could take it now
+        assert store.outbox_take(10, 60) == [EVENT]
+        bus.hold.clear()
+        bus.released.set()  # the retry is confirmed
+        wait_for(lambda: bus.recorded == [EVENT["event_id"]])
+    finally:
+        bus.released.set()
+        usage.stop()  # the sender has finished with it
+    clock.now += 61  # past the test's own take too
+    assert store.outbox_take(10, 60) == []  # confirmed: gone from the outbox
+
+
+def test_a_record_given_up_is_left_in_the_outbox_not_lost(counted):
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    bus = FailingBus()
+    usage = outbox_usage(bus, store, retry_delay=0.001, senders=1)
+    with Changes(counted, "bus_containers_usage_records_lost_total", "reason", ["attempts", "shutdown"]) as lost:
+        usage.start()
+        usage.record_later(EVENT)
+        wait_for(lambda: bus.attempts == EventsUsage.ATTEMPTS)
+        usage.stop()
+    assert lost.delta == {}
+    clock.now += EventsUsage.OUTBOX_LEASE
+    assert store.outbox_take(10, 60) == [EVENT]
+
+
+def test_records_still_queued_at_shutdown_are_left_in_the_outbox_not_lost(counted):
+    store = MemoryStore()
+    usage = outbox_usage(FailingBus(), store, flush_timeout=0)
+    with Changes(counted, "bus_containers_usage_records_lost_total", "reason", ["shutdown"]) as lost:
+        usage.record_later(EVENT)  # never started: it stays queued
+        usage.stop()
+    assert lost.delta == {}
+
+
+def test_without_a_reachable_outbox_a_record_is_still_sent_and_given_up_in_this_process(counted):
+    bus = ScriptedBus()
+    usage = outbox_usage(bus, UnreachableOutbox(), senders=1)
+    usage.start()
+    try:
+        usage.record_later(EVENT)
+        wait_for(lambda: bus.recorded == [EVENT["event_id"]])
+    finally:
+        usage.stop()
+    usage = outbox_usage(FailingBus(), UnreachableOutbox(), retry_delay=0.001, senders=1)
+    with Changes(counted, "bus_containers_usage_records_lost_total", "reason", ["attempts"]) as lost:
+        usage.start()
+        usage.record_later(EVENT)
+        wait_for(lambda: counted("bus_containers_usage_records_lost_total", reason="attempts")
+                 > lost.before["attempts"])
+        usage.stop()
+    assert lost.delta == {"attempts": 1}
+
+
+def test_a_record_another_process_left_in_the_outbox_is_taken_and_sent_once():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    store.outbox_put(EVENT["event_id"], EVENT, 1)  # held by a process that died
+    clock.now += 2
+    bus = ScriptedBus()
+    usage = EventsUsage(bus, 30, outbox=store, senders=1)
+    usage.OUTBOX_EVERY = 0.02
+    usage.start()
+    try:
+        wait_for(lambda: bus.recorded == [EVENT["event_id"]])
+    finally:
+        usage.stop()
+    clock.now += 61
+    assert store.outbox_take(10, 60) == []  # confirmed: gone from the outbox
+    assert bus.recorded == [EVENT["event_id"]]
