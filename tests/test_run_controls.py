@@ -65,6 +65,20 @@ class TestIdempotencyKeyStatic:
         assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
         assert again.get_json()["run_id"] == first.get_json()["run_id"]
 
+    @pytest.mark.parametrize("account,command", [("acct-a", ["echo", "\ud800"]), ("acct-\udc00", ["echo", "hi"])])
+    def test_a_lone_surrogate_in_the_body_or_the_account_is_fingerprinted_not_a_500(self, client, account, command):
+        """JSON may escape a lone surrogate (\\ud800) in a string, and a verified token's sub too: no 500 (§3)."""
+        from test_auth import auth, claims, craft
+
+        # Signed by hand: the JSON of the claims escapes the surrogate as \\udc00, as any JSON encoder may.
+        headers = {**auth(craft({"alg": "HS256", "typ": "JWT"}, claims(sub=account))), "Idempotency-Key": "surrogate"}
+        body = dict(BODY, command=command)
+        first = client.post(RUNS, json=body, headers=headers)
+        again = client.post(RUNS, json=body, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_json()["run_id"] == first.get_json()["run_id"]
+
     @pytest.mark.parametrize("other", [
         {"image": "alpine", "command": ["echo", "other"], "timeout_seconds": 20},
         {"image": "alpine", "command": ["echo", "hi"], "timeout_seconds": 21},
