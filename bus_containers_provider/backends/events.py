@@ -56,7 +56,10 @@ class EventsBackend(Backend):
 
     def status_items(self, account):
         envelope = self._bus.request(STATUS, {"owner_account_id": account}, self._settings.request_timeout)
-        items = reply_payload(envelope, items_schema, "status")["items"]
+        items = reply_payload(
+            envelope, items_schema,
+            "status",  # pragma: no mutate
+        )["items"]
         # A reply addressed to another account is not ours to show, not even its unowned items.
         owner = _owner_from_identity(envelope["payload"]).get("owner_account_id")
         if owner is not None and owner != account:
@@ -79,8 +82,10 @@ class EventsBackend(Backend):
         self._bus.notify(DELETE, {"run_id": request.run_id, "owner_account_id": request.owner_account_id})
 
     def delete(self, account, run_id):
-        result = self._ask(DELETE, {"run_id": run_id, "owner_account_id": account}, delete_result_schema,
-                           "delete")  # pragma: no mutate
+        result = self._ask(
+            DELETE, {"run_id": run_id, "owner_account_id": account}, delete_result_schema,
+            "delete",  # pragma: no mutate
+        )
         check_owner(result, account)
         same_run(result, run_id)
         if not result["deleted"]:
@@ -88,13 +93,19 @@ class EventsBackend(Backend):
         return result
 
     def runner_status(self):
-        return self._ask(RUNNER_STATUS, {}, runner_status_schema,
-                         "runner status")  # pragma: no mutate
+        return self._ask(
+            RUNNER_STATUS, {}, runner_status_schema,
+            "runner status",  # pragma: no mutate
+        )
 
     def runner_start(self):
-        return self._ask(RUNNER_START, {}, runner_start_schema,
-                         "runner start")  # pragma: no mutate
+        return self._ask(
+            RUNNER_START, {}, runner_start_schema,
+            "runner start",  # pragma: no mutate
+        )
 
     def runner_delete(self):
-        return self._ask(RUNNER_DELETE, {}, runner_delete_schema,
-                         "runner delete")  # pragma: no mutate
+        return self._ask(
+            RUNNER_DELETE, {}, runner_delete_schema,
+            "runner delete",  # pragma: no mutate
+        )
