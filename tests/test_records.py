@@ -2,6 +2,7 @@
 import logging
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -10,7 +11,7 @@ from bus_containers_provider.backends.static import StaticBackend
 from bus_containers_provider.billing import EventsBilling, denial
 from bus_containers_provider.errors import BillingRequired, StateUnavailable, Unavailable
 from bus_containers_provider.state.memory import MemoryStore
-from bus_containers_provider.usage import EventsUsage
+from bus_containers_provider.usage import EventsUsage, usage_event
 from conftest import AnsweringBus, Changes
 
 pytestmark = pytest.mark.timeout(30)
@@ -163,12 +164,14 @@ class ScriptedBus:
         self.hold = set(hold)
         self.recorded = []
         self.timeouts = []
+        self.names = set()
         self.lock = threading.Lock()
         self.released = threading.Event()
 
     def request(self, name, payload, timeout):
         event_id = payload["event_id"]
         with self.lock:
+            self.names.add(name)
             self.timeouts.append((event_id, timeout))
             if self.refuse.get(event_id, 0) > 0:
                 self.refuse[event_id] -= 1
@@ -214,6 +217,7 @@ def test_a_refused_record_is_tried_again_after_its_backoff_and_recorded():
     finally:
         usage.stop()
     assert len(bus.tries("run_1:container_run_finished")) == 3
+    assert bus.names == {"bus.usage.record.request"}  # §5: the usage request event
 
 
 def test_stop_sends_at_once_the_records_waiting_out_a_retry(counted):
@@ -350,3 +354,16 @@ def test_a_record_another_process_left_in_the_outbox_is_taken_and_sent_once():
     clock.now += 61
     assert store.outbox_take(10, 60) == []  # confirmed: gone from the outbox
     assert bus.recorded == [EVENT["event_id"]]
+
+
+def test_a_usage_record_has_the_contracts_fields():
+    """§6: event_type, event_id stable per run and type, the caller's account, occurred_at (UTC), data."""
+    run = RunRequest(run_id="run_7", owner_account_id="acct-a", command=["true"], profile="codex")
+    before = datetime.now(timezone.utc)
+    event = usage_event("container_run_finished", run, {"exit_code": 3})
+    after = datetime.now(timezone.utc)
+    occurred = event.pop("occurred_at")
+    assert event == {"event_type": "container_run_finished", "event_id": "run_7:container_run_finished",
+                     "account_id": "acct-a", "data": {"run_id": "run_7", "image": "profile:codex", "exit_code": 3}}
+    assert occurred.endswith("Z")
+    assert before - timedelta(milliseconds=1) <= datetime.fromisoformat(occurred[:-1] + "+00:00") <= after
