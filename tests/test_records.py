@@ -367,3 +367,9 @@ def test_a_usage_record_has_the_contracts_fields():
                      "account_id": "acct-a", "data": {"run_id": "run_7", "image": "profile:codex", "exit_code": 3}}
     assert occurred.endswith("Z")
     assert before - timedelta(milliseconds=1) <= datetime.fromisoformat(occurred[:-1] + "+00:00") <= after
+
+
+def test_a_record_before_a_run_waits_the_request_timeout():
+    bus = ScriptedBus()
+    EventsUsage(bus, 7).record(EVENT)
+    assert bus.tries(EVENT["event_id"]) == [7]
