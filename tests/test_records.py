@@ -373,3 +373,99 @@ def test_a_record_before_a_run_waits_the_request_timeout():
     bus = ScriptedBus()
     EventsUsage(bus, 7).record(EVENT)
     assert bus.tries(EVENT["event_id"]) == [7]
+
+
+class RecordingOutbox(MemoryStore):
+    """The in-process store, recording each renewal; `away` renewals in a row fail first (the store is down)."""
+
+    def __init__(self, clock, away=0):
+        super().__init__(clock=clock)
+        self.holds = []
+        self.away = away
+
+    def outbox_hold(self, event_ids, lease):
+        if self.away > 0:
+            self.away -= 1
+            raise StateUnavailable()
+        self.holds.append(set(event_ids))
+        super().outbox_hold(event_ids, lease)
+
+
+def test_records_pending_here_are_renewed_so_no_other_process_takes_them():
+    clock = Clock()
+    store = RecordingOutbox(clock)
+    sending, waiting = finished(1), finished(2)
+    bus = ScriptedBus(refuse={waiting["event_id"]: 1}, hold={sending["event_id"]})
+    usage = EventsUsage(bus, 30, outbox=store, retry_delay=3600.0, senders=2)
+    usage.OUTBOX_EVERY = 0.02
+    usage.start()
+    try:
+        usage.record_later(sending)  # waits for its reply
+        usage.record_later(waiting)  # refused once: waits out its backoff
+        wait_for(lambda: bus.tries(sending["event_id"]) and bus.tries(waiting["event_id"]))
+        wait_for(lambda: any({sending["event_id"], waiting["event_id"]} <= held for held in store.holds))
+        clock.now += EventsUsage.OUTBOX_LEASE - 1
+        assert store.outbox_take(10, 60) == []  # renewed: not another process's to take
+    finally:
+        bus.hold.clear()
+        bus.released.set()
+        usage.stop()
+
+
+def test_the_outbox_renewals_carry_on_after_the_store_was_away():
+    store = RecordingOutbox(Clock(), away=3)
+    bus = ScriptedBus(hold={EVENT["event_id"]})
+    usage = EventsUsage(bus, 30, outbox=store, senders=1)
+    usage.OUTBOX_EVERY = 0.02
+    usage.start()
+    try:
+        usage.record_later(EVENT)
+        wait_for(lambda: any(EVENT["event_id"] in held for held in store.holds))
+        assert store.away == 0
+    finally:
+        bus.hold.clear()
+        bus.released.set()
+        usage.stop()
+
+
+def test_a_record_taken_from_the_outbox_gets_every_attempt_and_stays_there_when_they_fail(counted):
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    store.outbox_put(EVENT["event_id"], EVENT, 1)  # held by a process that died
+    clock.now += 2
+    bus = FailingBus()
+    usage = EventsUsage(bus, 30, outbox=store, retry_delay=0.001, senders=1)
+    usage.OUTBOX_EVERY = 0.02
+    with Changes(counted, "bus_containers_usage_records_lost_total", "reason", ["attempts", "shutdown"]) as lost:
+        usage.start()
+        wait_for(lambda: bus.attempts == EventsUsage.ATTEMPTS)
+        usage.stop()
+    assert bus.attempts == EventsUsage.ATTEMPTS and lost.delta == {}
+    clock.now += EventsUsage.OUTBOX_LEASE
+    assert store.outbox_take(10, 60) == [EVENT]  # left for whoever asks next
+
+
+def test_a_stopping_process_takes_nothing_more_from_the_outbox():
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    abandoned = finished(9)
+    store.outbox_put(abandoned["event_id"], abandoned, 5)  # its holder dies; the lease ends at 105
+    bus = ScriptedBus(hold={EVENT["event_id"]})
+    usage = EventsUsage(bus, 30, outbox=store, senders=1, flush_timeout=0.5)
+    usage.OUTBOX_EVERY = 0.02
+    usage.start()
+    usage.record_later(EVENT)  # keeps the flush busy for its whole 0.5 s
+    wait_for(lambda: bus.tries(EVENT["event_id"]))
+    stopping = threading.Thread(target=usage.stop)
+    stopping.start()
+    try:
+        wait_for(lambda: usage._flush_by is not None)
+        clock.now += 10  # the abandoned record is due now, while this process flushes
+        stopping.join(10)
+        assert not stopping.is_alive()
+        # Still due for the next process: the stopping one neither took nor sent it.
+        assert store.outbox_take(10, 60) == [abandoned]
+        assert abandoned["event_id"] not in [e for e, _ in bus.timeouts]
+    finally:
+        bus.released.set()
+        stopping.join(10)
