@@ -456,13 +456,21 @@ def test_a_stopping_process_takes_nothing_more_from_the_outbox():
     usage.start()
     usage.record_later(EVENT)  # keeps the flush busy for its whole 0.5 s
     wait_for(lambda: bus.tries(EVENT["event_id"]))
-    stopping = threading.Thread(target=usage.stop)
+    errors = []
+
+    def stop():
+        try:
+            usage.stop()
+        except Exception as exc:  # reported below, as the test's failure
+            errors.append(exc)
+
+    stopping = threading.Thread(target=stop)
     stopping.start()
     try:
         wait_for(lambda: usage._flush_by is not None)
         clock.now += 10  # the abandoned record is due now, while this process flushes
-        stopping.join(10)
-        assert not stopping.is_alive()
+        stopping.join(10)  # the flush is 0.5 s; the request in flight would wait 30 s
+        assert not stopping.is_alive() and errors == []
         # Still due for the next process: the stopping one neither took nor sent it.
         assert store.outbox_take(10, 60) == [abandoned]
         assert abandoned["event_id"] not in [e for e, _ in bus.timeouts]
