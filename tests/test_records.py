@@ -477,3 +477,14 @@ def test_a_stopping_process_takes_nothing_more_from_the_outbox():
     finally:
         bus.released.set()
         stopping.join(10)
+
+
+def test_a_denial_sent_as_an_error_envelope_keeps_its_action_and_command():
+    """§6: the 402 carries the integration's action and command, however the denial was sent."""
+    envelope = {"error": {"type": "billing_required", "message": "no plan", "action": "setup_billing_v2",
+                          "command": "bus billing setup --plan containers"}}
+    with pytest.raises(BillingRequired) as raised:
+        EventsBilling(AnsweringBus(envelope), 1).check("acct-a")
+    assert raised.value.action == "setup_billing_v2"
+    assert raised.value.command == "bus billing setup --plan containers"
+    assert raised.value.details == {"reason": "billing_required"}
