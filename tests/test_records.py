@@ -488,3 +488,18 @@ def test_a_denial_sent_as_an_error_envelope_keeps_its_action_and_command():
     assert raised.value.action == "setup_billing_v2"
     assert raised.value.command == "bus billing setup --plan containers"
     assert raised.value.details == {"reason": "billing_required"}
+
+
+def test_records_pending_count_both_queued_and_in_flight(counted):
+    bus = ScriptedBus(hold={"run_1:container_run_finished", "run_2:container_run_finished"})
+    usage = EventsUsage(bus, 30, senders=1)
+    usage.start()
+    try:
+        usage.record_later(finished(1))
+        wait_for(lambda: bus.tries("run_1:container_run_finished"))  # in flight
+        usage.record_later(finished(2))  # queued behind it
+        assert counted("bus_containers_usage_records_pending") == 2
+    finally:
+        bus.hold.clear()
+        bus.released.set()
+        usage.stop()
