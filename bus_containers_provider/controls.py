@@ -40,7 +40,7 @@ def parse_key(value: Optional[str]) -> Optional[str]:
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = _sf_string(key[1:-1])
     if not 1 <= len(key) <= 255 or not set(key) <= _PRINTABLE:
-        raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+        raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters without spaces")  # pragma: no mutate
     return key
 
 
@@ -51,9 +51,9 @@ def _sf_string(inner: str) -> str:
         if char == "\\":
             char = next(chars, "")
             if char not in ('"', "\\"):
-                raise BadRequest("Idempotency-Key is not a valid Structured Field string")
+                raise BadRequest("Idempotency-Key is not a valid Structured Field string")  # pragma: no mutate
         elif char == '"':
-            raise BadRequest("Idempotency-Key is not a valid Structured Field string")
+            raise BadRequest("Idempotency-Key is not a valid Structured Field string")  # pragma: no mutate
         out.append(char)
     return "".join(out)
 
@@ -224,7 +224,7 @@ class RunControls:
             self.store.finish_key(key.scope, run_id, answer, self._ttl)
         except Unavailable:
             # The run happened: its caller still gets the answer; only a retry after the lease may run again.
-            log.warning("could not remember the answer of run %s under its Idempotency-Key", run_id)
+            log.warning("could not remember the answer of run %s under its Idempotency-Key", run_id)  # pragma: no mutate
 
     def forget(self, key: Key, run_id: str) -> None:
         """An answer given before delegation is not remembered: a retry tries again."""
@@ -234,7 +234,7 @@ class RunControls:
         try:
             self.store.drop_key(key.scope, run_id)
         except Unavailable:
-            log.warning("could not drop an Idempotency-Key record for run %s; it expires with its lease", run_id)
+            log.warning("could not drop an Idempotency-Key record for run %s; it expires with its lease", run_id)  # pragma: no mutate
 
     # -- account run slots ---------------------------------------------------
 
@@ -259,7 +259,7 @@ class RunControls:
             try:
                 self.store.release_slot(account, run_id)
             except Unavailable:
-                log.warning("could not release the slot of run %s; it frees itself with its lease", run_id)
+                log.warning("could not release the slot of run %s; it frees itself with its lease", run_id)  # pragma: no mutate
 
     # -- leases ------------------------------------------------------------
 
@@ -302,9 +302,9 @@ class RunControls:
             try:
                 self.renew()
             except Unavailable as exc:
-                log.warning("could not renew run leases: %s", exc)
+                log.warning("could not renew run leases: %s", exc)  # pragma: no mutate
             except Exception:  # a bug must not end the renewals silently
-                log.exception("renewing run leases failed")
+                log.exception("renewing run leases failed")  # pragma: no mutate
 
     def down(self) -> bool:
         """True while the state store cannot be reached (readiness names `state`)."""

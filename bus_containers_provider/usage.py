@@ -121,7 +121,7 @@ class EventsUsage(NoUsage):
         envelope = self._bus.request(REQUEST, event, self._timeout if timeout is None else timeout)
         payload = envelope.get("payload")
         if envelope_error(envelope) is not None or (isinstance(payload, dict) and payload.get("recorded") is False):
-            raise Unavailable("the usage record was refused")
+            raise Unavailable("the usage record was refused")  # pragma: no mutate
 
     def record_later(self, event: dict) -> None:
         self._keep(event)
@@ -133,8 +133,10 @@ class EventsUsage(NoUsage):
         try:
             self._outbox.outbox_put(event["event_id"], event, self.OUTBOX_LEASE)
         except StateUnavailable:
+            # pragma: no mutate start (log text)
             log.warning("usage %s for run %s is kept in this process only: the state store is unreachable",
                         event["event_type"], _run(event))
+            # pragma: no mutate end
             return
         with self._wake:
             self._kept.add(event["event_id"])
@@ -148,13 +150,15 @@ class EventsUsage(NoUsage):
             self._outbox.outbox_done(event["event_id"])
         except StateUnavailable:
             # It will be sent once more, by whoever takes it: same event_id, counted once.
+            # pragma: no mutate start (log text)
             log.warning("usage %s for run %s stays in the outbox: the state store is unreachable",
                         event["event_type"], _run(event))
+            # pragma: no mutate end
 
     def _schedule(self, event: dict, attempt: int, delay: float) -> None:
         with self._wake:
             if len(self._due) >= self.BACKLOG:
-                log.error("usage %s for run %s dropped: the backlog is full", event["event_type"], _run(event))
+                log.error("usage %s for run %s dropped: the backlog is full", event["event_type"], _run(event))  # pragma: no mutate
                 metrics.usage_lost("backlog_full")
                 return
             if self._flush_by is not None:
@@ -198,10 +202,12 @@ class EventsUsage(NoUsage):
         metrics.usage_pending(0)
         for event in left:
             if event["event_id"] in kept:
+                # pragma: no mutate start (log text)
                 log.warning("usage %s for run %s left in the shared outbox for another process",
                             event["event_type"], _run(event))
+                # pragma: no mutate end
             else:
-                log.error("usage %s for run %s not recorded before shutdown", event["event_type"], _run(event))
+                log.error("usage %s for run %s not recorded before shutdown", event["event_type"], _run(event))  # pragma: no mutate
 
     def _next_due(self):
         """The next record whose time has come; None once flushing is over."""
@@ -235,7 +241,7 @@ class EventsUsage(NoUsage):
             except (ProviderError, EventsError) as exc:
                 error = exc
             except Exception:  # a bug must not end the sender silently
-                log.exception("usage %s for run %s failed", event["event_type"], _run(event))
+                log.exception("usage %s for run %s failed", event["event_type"], _run(event))  # pragma: no mutate
             with self._wake:
                 self._sending.pop(event["event_id"], None)
                 kept = event["event_id"] in self._kept
@@ -247,14 +253,18 @@ class EventsUsage(NoUsage):
                 # No longer renewed: once its lease passes, any process (this one too) takes it again.
                 with self._wake:
                     self._kept.discard(event["event_id"])
+                # pragma: no mutate start (log text)
                 log.error("usage %s for run %s not recorded after %d attempts (%s); left in the outbox",
                           event["event_type"], _run(event), attempt, error)
+                # pragma: no mutate end
             elif attempt >= self.ATTEMPTS:
+                # pragma: no mutate start (log text)
                 log.error("usage %s for run %s lost after %d attempts (%s)",
                           event["event_type"], _run(event), attempt, error)
+                # pragma: no mutate end
                 metrics.usage_lost("attempts")
             else:
-                log.warning("usage %s for run %s not recorded (%s); retrying", event["event_type"], _run(event), error)
+                log.warning("usage %s for run %s not recorded (%s); retrying", event["event_type"], _run(event), error)  # pragma: no mutate
                 self._schedule(event, attempt + 1, self._retry_delay * 2 ** (attempt - 1))
 
     def _keep_loop(self) -> None:
@@ -273,7 +283,7 @@ class EventsUsage(NoUsage):
                     if event["event_id"] in self._kept:
                         continue  # ours already: our lease lapsed while the store was away
                     self._kept.add(event["event_id"])
-                log.info("usage %s for run %s taken from the outbox", event["event_type"], _run(event))
+                log.info("usage %s for run %s taken from the outbox", event["event_type"], _run(event))  # pragma: no mutate
                 self._schedule(event, attempt=1, delay=0.0)
 
 

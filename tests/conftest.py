@@ -149,3 +149,41 @@ def no_waiter_left(request, monkeypatch):
         time.sleep(0.05)
     left = [r.pending() for r in registries if r.pending()]
     assert not left, f"waiters left in reply registries: {left}"
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Metrics on in this process (as --metrics-addr turns them on in a worker); reads one sample.
+
+    tests/test_metrics.py reads the series summed over gunicorn workers; with this the same calls
+    record into prometheus_client's in-process registry, for tests of what counts under which label.
+    """
+    from prometheus_client import REGISTRY
+
+    from bus_containers_provider import metrics
+    from bus_containers_provider.metrics import series
+
+    monkeypatch.setattr(metrics, "_series", series)
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    return value
+
+
+class Changes:
+    """What changed in the samples of `name`, one per value of `label`, across a block."""
+
+    def __init__(self, value, name, label, values):
+        self.value, self.name, self.label, self.values = value, name, label, values
+
+    def __enter__(self):
+        self.before = self.read()
+        return self
+
+    def __exit__(self, *exc):
+        after = self.read()
+        self.delta = {k: after[k] - self.before[k] for k in after if after[k] != self.before[k]}
+
+    def read(self):
+        return {v: self.value(self.name, **{self.label: v}) for v in self.values}

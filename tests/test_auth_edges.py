@@ -104,3 +104,29 @@ def test_mint_token_issues_now_for_the_ttl_as_a_jwt():
                              options={"verify_exp": False, "verify_iat": False})
     assert claims_read == {"sub": "acct-x", "aud": "ai.hg.fi/api", "scope": "container:read",
                            "iat": 1_000_000, "exp": 1_003_600}
+
+
+@pytest.mark.parametrize("claim,value,accepted", [
+    ("exp", 2 ** 53 - 1, True), ("exp", 2 ** 53, False),
+    ("iat", -(2 ** 53) + 1, True), ("iat", -(2 ** 53), False),
+    ("nbf", -(2 ** 53) + 1, True), ("nbf", -(2 ** 53), False),
+])
+def test_numeric_dates_stay_below_2_53(client, claim, value, accepted):
+    """§2: a NumericDate is below 2^53 (in size: an exact integer in every JSON reader), on both sides."""
+    check(client, lambda now: {claim: value}, accepted)
+
+
+def test_claims_are_judged_on_the_verifiers_clock():
+    """One clock for the claim checks and the verified-token cache: a verifier a day behind accepts what it should."""
+    from bus_containers_provider.auth import TokenVerifier
+    from bus_containers_provider.errors import InvalidAuth
+    from conftest import SECRET
+    from test_auth import claims as public_claims
+
+    then = 1_000_000_000  # 2001: every token issued then is long expired by the wall clock
+    verifier = TokenVerifier(SECRET.encode(), clock=lambda: then)
+    issued = craft({"alg": "HS256", "typ": "JWT"}, public_claims(iat=then, exp=then + 600))
+    assert verifier.verify(issued, "ai.hg.fi/api").account == "acct-a"
+    ahead = craft({"alg": "HS256", "typ": "JWT"}, public_claims(iat=then + IAT_SKEW + 1, exp=then + 600))
+    with pytest.raises(InvalidAuth):
+        verifier.verify(ahead, "ai.hg.fi/api")

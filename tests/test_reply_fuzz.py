@@ -14,7 +14,7 @@ from bus_containers_provider.backends import RunRequest, Watch
 from bus_containers_provider.backends.events import EventsBackend
 from bus_containers_provider.billing import EventsBilling
 from bus_containers_provider.config import Settings
-from bus_containers_provider.errors import BadGateway, BillingRequired, ProviderError
+from bus_containers_provider.errors import BadGateway, BillingRequired, OwnerMismatch, ProviderError
 from bus_containers_provider.usage import EventsUsage
 from conftest import AnsweringBus
 
@@ -193,3 +193,13 @@ def test_a_reply_with_one_required_field_wrong_is_a_502(action, data):
         payload[name] = wrong
     with pytest.raises(BadGateway):
         call(action, {"payload": payload})
+
+
+@pytest.mark.parametrize("owner_key", ["owner_account_id", "owner_identity_id"])
+def test_a_status_reply_addressed_to_another_account_is_a_403_showing_nothing(owner_key):
+    """§5: a status reply whose owner differs from the caller is refused, its items (even unowned ones) unseen."""
+    items = [{"id": "shared", "state": "ready"}, {"id": "run_1", "state": "done", "owner_account_id": "acct-a"}]
+    with pytest.raises(OwnerMismatch) as refused:
+        call("status", {"payload": {owner_key: "acct-b", "items": items}})
+    assert refused.value.status == 403 and refused.value.type == "forbidden"
+    assert call("status", {"payload": {owner_key: "acct-a", "items": items}}) == expected_status(items)

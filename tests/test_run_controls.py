@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from bus_containers_provider.controls import LEASE_SECONDS, RunControls, caller_gone, never
-from bus_containers_provider.errors import Conflict, IdempotencyKeyReused
+from bus_containers_provider.controls import LEASE_SECONDS, Capacity, RunControls, caller_gone, never
+from bus_containers_provider.errors import Conflict, IdempotencyKeyReused, TooManyRuns, Unavailable
 from bus_containers_provider.state.memory import MemoryStore
 from bus_containers_provider.state.redis import RedisStore
-from conftest import bearer, connected, env, events_env
+from conftest import Changes, bearer, connected, env, events_env
 from inflight import wait_until
 
 RUNS = "/api/v1/containers/runs"
@@ -58,6 +58,26 @@ class TestIdempotencyKeyStatic:
         raw = client.post(RUNS, data='{ "timeout_seconds" :5,"profile":"codex", "args":["a","b"]}',
                           headers={**bearer(), "Idempotency-Key": "k", "Content-Type": "application/json"})
         assert raw.get_json()["run_id"] == first.get_json()["run_id"]
+
+    def test_the_order_of_env_entries_does_not_matter(self, client):
+        first = post(client, dict(BODY, env={"A": "1", "B": "2", "C": "3"}), key="env-order")
+        again = post(client, dict(BODY, env={"C": "3", "A": "1", "B": "2"}), key="env-order")
+        assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_json()["run_id"] == first.get_json()["run_id"]
+
+    @pytest.mark.parametrize("account,command", [("acct-a", ["echo", "\ud800"]), ("acct-\udc00", ["echo", "hi"])])
+    def test_a_lone_surrogate_in_the_body_or_the_account_is_fingerprinted_not_a_500(self, client, account, command):
+        """JSON may escape a lone surrogate (\\ud800) in a string, and a verified token's sub too: no 500 (§3)."""
+        from test_auth import auth, claims, craft
+
+        # Signed by hand: the JSON of the claims escapes the surrogate as \\udc00, as any JSON encoder may.
+        headers = {**auth(craft({"alg": "HS256", "typ": "JWT"}, claims(sub=account))), "Idempotency-Key": "surrogate"}
+        body = dict(BODY, command=command)
+        first = client.post(RUNS, json=body, headers=headers)
+        again = client.post(RUNS, json=body, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert again.get_json()["run_id"] == first.get_json()["run_id"]
 
     @pytest.mark.parametrize("other", [
         {"image": "alpine", "command": ["echo", "other"], "timeout_seconds": 20},
@@ -110,7 +130,7 @@ class TestIdempotencyKeyEvents:
     def app_env(self, events_server, responder):
         # The responder outlives the app: the app's stop flushes usage records it must confirm.
         return events_env(events_server, BUS_CONTAINERS_USAGE_BACKEND="events",
-                          BUS_CONTAINERS_BILLING_BACKEND="events", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="1s")
+                          BUS_CONTAINERS_BILLING_BACKEND="events", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="200ms")
 
     @pytest.fixture
     def client(self, app, responder):
@@ -205,8 +225,10 @@ class TestAccountSlots:
     @pytest.fixture
     def app_env(self, events_server, responder):
         # The responder outlives the app: the app's stop flushes usage records it must confirm.
+        # A short grace: the reply-timeout case waits its 1 s run plus this, three times over.
         return events_env(events_server, BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT="2",
-                          BUS_CONTAINERS_USAGE_BACKEND="events", BUS_CONTAINERS_BILLING_BACKEND="events")
+                          BUS_CONTAINERS_USAGE_BACKEND="events", BUS_CONTAINERS_BILLING_BACKEND="events",
+                          BUS_CONTAINERS_RUN_TIMEOUT_GRACE="200ms")
 
     @pytest.fixture
     def client(self, app, responder):
@@ -563,3 +585,79 @@ class TestCallerLeaves:
                 pending.result(timeout=15)
         assert cancel["payload"] == {"run_id": request["payload"]["run_id"], "owner_account_id": "acct-a"}
         assert app.extensions["bus_containers"].bus.registry.pending() == 0
+
+
+# Each refusal counts under its own reason (README, "Metrics": bus_containers_run_rejections_total).
+
+def rejections(counted):
+    return Changes(counted, "bus_containers_run_rejections_total", "reason",
+                   ["too_many_runs", "conflict", "idempotency_key_reused", "capacity", "other"])
+
+
+class TestRejectionsCounted:
+    def test_a_key_reused_with_another_body(self, counted):
+        controls = controls_over(MemoryStore())
+        controls.claim("acct-a", "k", "fp", "run_1")
+        with rejections(counted) as changes, pytest.raises(IdempotencyKeyReused):
+            controls.claim("acct-a", "k", "other-body", "run_2")
+        assert changes.delta == {"idempotency_key_reused": 1}
+
+    def test_a_retry_that_finds_the_key_taken_by_another_body(self, counted):
+        store = Interleaved()
+        controls = controls_over(store)
+        _, retry = first_and_retry(controls)
+        store.meanwhile = lambda s, scope: (s._keys.clear(), s.claim_key(scope, "other-body", "run_3", 30))
+        with rejections(counted) as changes, pytest.raises(IdempotencyKeyReused):
+            controls.join(retry, "fp", "run_2", wait=5, gone=never)
+        assert changes.delta == {"idempotency_key_reused": 1}
+
+    def test_a_retry_that_cannot_wait(self, counted):
+        controls = controls_over(MemoryStore())
+        _, retry = first_and_retry(controls)
+        with rejections(counted) as changes, pytest.raises(Conflict):
+            controls.join(retry, "fp", "run_2", wait=0, gone=never)
+        assert changes.delta == {"conflict": 1}
+
+    def test_a_full_account(self, counted):
+        controls = RunControls(MemoryStore(), max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        with controls.slot("acct-a", "run_1"):
+            with rejections(counted) as changes, pytest.raises(TooManyRuns):
+                with controls.slot("acct-a", "run_2"):
+                    pass
+        assert changes.delta == {"too_many_runs": 1}
+
+    @pytest.mark.parametrize("refusal,reason", [(None, "capacity"), (Conflict(), "conflict")])
+    def test_a_full_capacity_as_capacity_or_as_the_retrys_conflict(self, counted, refusal, reason):
+        capacity = Capacity(1)
+        with capacity.hold():
+            with rejections(counted) as changes, pytest.raises(Unavailable if refusal is None else Conflict):
+                with capacity.hold(refusal):
+                    pass
+        assert changes.delta == {reason: 1}
+
+
+class FakeTime:
+    """time.monotonic and time.sleep for the controls module: sleeping moves the clock, and nothing else does."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.mark.parametrize("wait", [0.3, 2.0, 5.0])
+def test_a_joined_retry_gives_up_within_its_own_wait_never_after(monkeypatch, wait):
+    """§7: a retry of a run in flight waits for its answer bounded by its own run wait."""
+    import bus_containers_provider.controls as controls_module
+
+    clock = FakeTime()
+    monkeypatch.setattr(controls_module, "time", clock)
+    controls = controls_over(MemoryStore())
+    _, retry = first_and_retry(controls)
+    with pytest.raises(Conflict):
+        controls.join(retry, "fp", "run_2", wait=wait, gone=never)
+    assert 0 < clock.now <= wait

@@ -91,18 +91,24 @@ def test_billing_integration_error_is_502_and_nothing_runs(client, events_server
     assert trail(events_server) == [(BILLING, None)]
 
 
-def test_billing_silence_is_503_and_nothing_runs(client, events_server, responder):
-    responder.billing["acct-a"] = "never"
-    response = run(client)
-    assert_error(response, 503, "unavailable")
-    assert trail(events_server) == [(BILLING, None)]
+class TestSilence:
+    @pytest.fixture
+    def app_env(self, events_server, responder):
+        # A reply that never comes is waited for the request timeout: short, since nothing will arrive.
+        return events_env(events_server, BUS_CONTAINERS_BILLING_BACKEND="events",
+                          BUS_CONTAINERS_USAGE_BACKEND="events", BUS_CONTAINERS_REQUEST_TIMEOUT="500ms")
 
+    def test_billing_silence_is_503_and_nothing_runs(self, client, events_server, responder):
+        responder.billing["acct-a"] = "never"
+        response = run(client)
+        assert_error(response, 503, "unavailable")
+        assert trail(events_server) == [(BILLING, None)]
 
-@pytest.mark.parametrize("mode", ["never", "error"])
-def test_usage_requested_not_recorded_is_503_and_nothing_runs(client, events_server, responder, mode):
-    responder.usage_mode = mode
-    assert_error(run(client), 503, "unavailable")
-    assert trail(events_server) == [(BILLING, None), (USAGE, "container_run_requested")]
+    @pytest.mark.parametrize("mode", ["never", "error"])
+    def test_usage_requested_not_recorded_is_503_and_nothing_runs(self, client, events_server, responder, mode):
+        responder.usage_mode = mode
+        assert_error(run(client), 503, "unavailable")
+        assert trail(events_server) == [(BILLING, None), (USAGE, "container_run_requested")]
 
 
 class TestFinishedRecord:

@@ -182,11 +182,11 @@ def _reachable():
     try:
         yield
     except redis.RedisError as exc:
-        log.warning("state store: %s: %s", type(exc).__name__, exc)
+        log.warning("state store: %s: %s", type(exc).__name__, exc)  # pragma: no mutate
         raise StateUnavailable() from exc
     except (ValueError, KeyError, TypeError) as exc:
         # A record this code did not write (or a newer format): no run without readable controls.
-        log.warning("state store: unreadable record: %s", exc)
+        log.warning("state store: unreadable record: %s", exc)  # pragma: no mutate
         raise StateUnavailable() from exc
 
 
