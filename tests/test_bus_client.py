@@ -371,3 +371,160 @@ def test_a_proxy_in_the_environment_is_not_used_for_the_events_api(events_server
         events.publish("a.request", "cid-proxy", {"x": 1})
     finally:
         events.close()
+
+
+# --- what goes on the wire, exactly: the contract's names, timeouts and messages -------------
+
+@responses.activate
+@pytest.mark.parametrize("base", [BASE, BASE + "/", BASE + "//"])
+def test_only_trailing_slashes_of_the_base_url_are_trimmed(base):
+    events = EventsClient(base, TOKEN)
+    responses.post(PUBLISH, status=202)
+    events.publish("a.request", "cid", {})
+    assert responses.calls[0].request.url == PUBLISH
+    events.close()
+
+
+@responses.activate
+def test_a_base_url_path_is_kept():
+    events = EventsClient(f"{BASE}/X/", TOKEN)
+    responses.post(f"{BASE}/X/api/v1/events", status=202)
+    events.publish("a.request", "cid", {})
+    assert responses.calls[0].request.url == f"{BASE}/X/api/v1/events"
+    events.close()
+
+
+@responses.activate
+def test_default_timeouts_are_5_s_to_connect_and_30_s_to_publish():
+    events = EventsClient(BASE, TOKEN)
+    responses.post(PUBLISH, status=202)
+    responses.get(STREAM, body=b"")
+    events.publish("a.request", "cid", {})
+    events.open_stream("a.response", 42).close()
+    assert [call.request.req_kwargs["timeout"] for call in responses.calls] == [(5.0, 30.0), (5.0, 42)]
+    events.close()
+
+
+@responses.activate
+@pytest.mark.parametrize("options,query", [
+    ({}, {"name": ["a.response"], "delivery": ["broadcast"]}),
+    ({"replay": True}, {"name": ["a.response"], "delivery": ["broadcast"], "replay": ["true"]}),
+    ({"follow": False}, {"name": ["a.response"], "delivery": ["broadcast"], "follow": ["false"]}),
+    ({"replay": True, "follow": False},
+     {"name": ["a.response"], "delivery": ["broadcast"], "replay": ["true"], "follow": ["false"]}),
+])
+def test_a_stream_is_asked_for_by_its_exact_query(client, options, query):
+    from urllib.parse import parse_qs, urlsplit
+
+    responses.get(STREAM, body=b"")
+    client.open_stream("a.response", 3, **options).close()
+    [call] = responses.calls
+    assert parse_qs(urlsplit(call.request.url).query) == query
+    assert call.request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert call.request.req_kwargs["timeout"] == (1, 3) and call.request.req_kwargs["stream"] is True
+
+
+@responses.activate
+def test_stream_passes_its_idle_timeout_session_and_raw_body():
+    events = EventsClient(BASE, TOKEN, connect_timeout=2)
+    used, opened = [], []
+
+    class Recording(requests.Session):
+        def get(self, *args, **kwargs):
+            used.append(self)
+            return super().get(*args, **kwargs)
+
+    session = Recording()
+    responses.get(STREAM, body=json.dumps({"id": "1", "correlationId": "c"}).encode() + b"\n")
+    assert [e["id"] for e in events.stream("a.response", idle_timeout=7, on_open=opened.append,
+                                           session=session)] == ["1"]
+    assert used == [session] and responses.calls[0].request.req_kwargs["timeout"] == (2, 7)
+    [raw] = opened
+    assert hasattr(raw, "read1") and hasattr(raw, "shutdown")
+    session.close()
+    events.close()
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [300, 307, 399])
+def test_a_redirect_is_not_followed_and_says_why(client, status):
+    for method in (responses.POST, responses.GET):
+        responses.add(method, PUBLISH if method == responses.POST else STREAM, status=status,
+                      headers={"Location": "http://elsewhere.test/"})
+    with pytest.raises(EventsUnavailable) as publish:
+        client.publish("a.request", "cid", {})
+    with pytest.raises(EventsUnavailable) as stream:
+        client.open_stream("a.response", 1)
+    advice = "a redirect, which is not followed (set BUS_EVENTS_API_URL to the Events API itself)"
+    assert str(publish.value) == f"publishing a.request: the Events API answered {status}, {advice}"
+    assert str(stream.value) == f"opening the a.response stream: the Events API answered {status}, {advice}"
+    assert len(responses.calls) == 2  # nothing was sent to elsewhere.test
+
+
+@responses.activate
+@pytest.mark.parametrize("status,kind", [(400, EventsRejected), (429, EventsRejected), (499, EventsRejected),
+                                         (500, EventsUnavailable), (503, EventsUnavailable)])
+def test_refusal_messages_name_the_action_and_the_status(client, status, kind):
+    responses.post(PUBLISH, status=status)
+    responses.get(STREAM, status=status)
+    with pytest.raises(kind) as publish:
+        client.publish("a.request", "cid", {})
+    with pytest.raises(kind) as stream:
+        client.open_stream("a.response", 1)
+    assert str(publish.value) == f"publishing a.request: the Events API answered {status}"
+    assert str(stream.value) == f"opening the a.response stream: the Events API answered {status}"
+    if kind is EventsRejected:
+        assert publish.value.status == status and stream.value.status == status
+
+
+@responses.activate
+@pytest.mark.parametrize("failure,message", [
+    (requests.ConnectionError("refused"), "publishing a.request failed: ConnectionError"),
+    (requests.ReadTimeout("slow"), "publishing a.request timed out"),
+])
+def test_publish_failure_messages(client, failure, message):
+    responses.post(PUBLISH, body=failure)
+    with pytest.raises(EventsUnavailable) as raised:
+        client.publish("a.request", "cid", {})
+    assert str(raised.value) == message
+
+
+@responses.activate
+def test_stream_failure_message(client):
+    responses.get(STREAM, body=requests.ConnectionError("refused"))
+    with pytest.raises(EventsUnavailable) as raised:
+        client.open_stream("a.response", 1)
+    assert str(raised.value) == "opening the a.response stream failed: ConnectionError"
+
+
+def test_a_broken_stream_says_which_and_how(client):
+    import urllib3
+
+    class Broken:
+        def read1(self, size):
+            raise urllib3.exceptions.ProtocolError("cut")
+
+    from bus_containers_provider.bus.client import envelopes
+
+    with pytest.raises(EventsUnavailable) as raised:
+        list(envelopes(Broken(), "a.response"))
+    assert str(raised.value) == "the a.response stream dropped: ProtocolError"
+
+
+def test_a_thread_keeps_its_stream_session(client):
+    assert client._session() is client._session()
+
+
+@pytest.mark.parametrize("environment,verify", [
+    ({}, True),
+    ({"CURL_CA_BUNDLE": "/curl.pem"}, "/curl.pem"),
+    ({"REQUESTS_CA_BUNDLE": "/requests.pem", "CURL_CA_BUNDLE": "/curl.pem"}, "/requests.pem"),
+])
+def test_a_private_ca_bundle_is_read_from_either_variable(monkeypatch, environment, verify):
+    from bus_containers_provider.bus.client import new_session
+
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert new_session().verify == verify
