@@ -1,7 +1,9 @@
 """Events client error paths (responses) and the waiter registry as units."""
 import json
 import logging
+import re
 import threading
+import time
 
 import pytest
 import requests
@@ -230,10 +232,47 @@ class TestRegistry:
         assert not registry.resolve("a.response", late)
         [record] = caplog.records
         assert record.levelno == logging.INFO
-        assert "a.response" in record.getMessage() and "c1" in record.getMessage()
+        assert record.getMessage() == "late a.response reply for correlation id c1: its request no longer waits"
         assert "private-output" not in caplog.text
         assert not registry.resolve("a.response", {"correlationId": "never-ours"})  # another process's
         assert len(caplog.records) == 1
+
+
+    def test_a_snake_case_correlation_id_reaches_its_waiter(self):
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        assert registry.resolve("a.response", {"correlation_id": "c1", "payload": {"n": 1}})
+        assert waiter.wait(1)["payload"] == {"n": 1}
+
+    def test_a_waiter_failed_by_mark_down_has_its_late_reply_logged_once(self, caplog):
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        registry.mark_down("a.response", "stream ended")
+        with pytest.raises(ListenerDown, match=re.escape("the a.response listener is not connected (stream ended)")):
+            waiter.wait(1)
+        registry.discard(waiter)
+        for _ in range(2):
+            assert not registry.resolve("a.response", {"correlationId": "c1", "payload": {}})
+        assert [r.getMessage() for r in caplog.records] == [
+            "late a.response reply for correlation id c1: its request no longer waits"]
+
+    def test_the_oldest_ended_waits_are_forgotten_first(self, caplog, monkeypatch):
+        from bus_containers_provider.bus import replies
+
+        monkeypatch.setattr(replies, "REMEMBERED", 2)
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        for cid in ("c1", "c2", "c3"):
+            waiter = registry.register("a.response", cid)
+            with pytest.raises(ReplyTimeout):
+                waiter.wait(0)
+            registry.discard(waiter)
+        for cid in ("c1", "c2", "c3"):
+            registry.resolve("a.response", {"correlationId": cid})
+        # c1 was forgotten: its late reply reads as another process's, dropped without a word.
+        assert [r.getMessage() for r in caplog.records] == [
+            f"late a.response reply for correlation id {cid}: its request no longer waits" for cid in ("c2", "c3")]
 
 
 class TestUnwanted:
@@ -344,6 +383,38 @@ class TestCancelWatch:
         if thread is not None:
             thread.join(5)
         assert watch._thread is None and not watch._watched
+
+    def test_one_named_daemon_thread_watches_every_waiter_of_a_registry(self):
+        registry = ReplyRegistry()
+        before = set(threading.enumerate())
+        waiters = [registry.register("a.response", cid) for cid in ("c1", "c2")]
+        threads = [threading.Thread(target=w.wait, args=(10, lambda: None)) for w in waiters]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(registry._watch._watched) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        watching = [t for t in threading.enumerate() if t not in before and t not in threads]
+        assert [(t.name, t.daemon) for t in watching] == [("cancel-watch", True)]
+        for cid in ("c1", "c2"):
+            registry.resolve("a.response", {"correlationId": cid})
+        for thread in threads:
+            thread.join(5)
+
+    def test_a_watch_whose_thread_ended_starts_another_for_the_next_wait(self):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+        from bus_containers_provider.errors import RunCancelled
+
+        watch = CancelWatch(every=0.01)
+        with pytest.raises(ReplyTimeout):
+            Waiter("a.response", "c1", watch).wait(0.05, lambda: None)
+        deadline = time.monotonic() + 5
+        while watch._thread is not None:  # the thread ends once nothing is watched
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(RunCancelled, match="stop"):
+            Waiter("a.response", "c2", watch).wait(5, lambda: "stop")
 
     def test_a_failing_check_does_not_stop_the_others(self, caplog):
         from bus_containers_provider.bus.replies import CancelWatch, Waiter
