@@ -321,13 +321,15 @@ def test_a_silent_stream_is_replaced_make_before_break(client, registry, events_
     listener._stopping = RecordedPauses()  # the overlap before the old stream is closed: recorded, not waited
     listener.start()
     try:
-        wait_until(lambda: events_server.streams_opened(NAME) >= 2 and events_server.open_streams(NAME) == 1,
-                   timeout=5, what="the silent stream replaced and the old one closed")
+        assert listener.wait_connected(5)
+        for cid in ("c1", "c2"):  # one reply read before the stream goes silent, one after its replacement
+            waiter = registry.register(NAME, cid)
+            publish(events_server, cid, n=cid)
+            assert waiter.wait(5)["payload"] == {"n": cid}
+            registry.discard(waiter)
+            wait_until(lambda: events_server.streams_opened(NAME) >= 2 and events_server.open_streams(NAME) == 1,
+                       timeout=5, what="the silent stream replaced and the old one closed")
         assert listener._stopping.pauses[0] == listener_module.OVERLAP_SECONDS
-        waiter = registry.register(NAME, "c1")
-        publish(events_server, "c1", n=4)
-        assert waiter.wait(5)["payload"] == {"n": 4}
-        registry.discard(waiter)
     finally:
         listener.stop()
 
