@@ -93,6 +93,21 @@ def test_a_reply_reaches_its_waiter_over_one_stream_read_by_named_daemon_threads
     assert len(readers) == 1 and readers[0].daemon
 
 
+def test_another_process_reply_is_dropped_unparsed(listen, registry, events_server, caplog):
+    """Its line is never parsed: not even one that is not JSON (NaN) is noticed, let alone logged."""
+    listener = listen()
+    assert listener.wait_connected(5)
+    waiter = registry.register(NAME, "ours")
+    response = requests.post(f"{events_server.url}/api/v1/events", timeout=5, headers={
+        "Authorization": f"Bearer {WORKER_TOKEN}", "Content-Type": "application/json"},
+        data=f'{{"name": "{NAME}", "correlationId": "theirs", "payload": {{"n": NaN}}}}')
+    assert response.status_code == 202
+    publish(events_server, "ours", n=1)
+    assert waiter.wait(5)["payload"] == {"n": 1}
+    registry.discard(waiter)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_stop_closes_the_stream_and_leaves_no_thread_and_no_warning(listen, events_server, caplog):
     before = set(threading.enumerate())
     # A long down grace and idle timeout: nothing but stop() ends the threads in time.
@@ -315,9 +330,10 @@ def test_a_stream_that_ends_as_it_opens_is_reopened_with_back_off_and_one_that_l
     assert listener._stopping.pauses == [2, 4, 8, 8, 2, 4]
 
 
-def test_a_silent_stream_is_replaced_make_before_break(client, registry, events_server):
+def test_a_silent_stream_is_replaced_make_before_break(client, registry, events_server, caplog):
     listener = Listener(client, NAME, registry, retry=True, retry_min=0.05, retry_max=0.2, down_grace=30,
                         idle_timeout=0.6)
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
     listener._stopping = RecordedPauses()  # the overlap before the old stream is closed: recorded, not waited
     listener.start()
     try:
@@ -330,6 +346,10 @@ def test_a_silent_stream_is_replaced_make_before_break(client, registry, events_
             wait_until(lambda: events_server.streams_opened(NAME) >= 2 and events_server.open_streams(NAME) == 1,
                        timeout=5, what="the silent stream replaced and the old one closed")
         assert listener._stopping.pauses[0] == listener_module.OVERLAP_SECONDS
+        # Listening is reported once, when the first stream opens; each replacement only at debug level.
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER]
+        assert lines[0] == (logging.INFO, f"listening for {NAME}") and len(lines) >= 2
+        assert set(lines[1:]) == {(logging.DEBUG, f"replaced the idle {NAME} stream")}
     finally:
         listener.stop()
 
