@@ -108,17 +108,27 @@ def test_another_process_reply_is_dropped_unparsed(listen, registry, events_serv
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_stop_closes_the_stream_and_leaves_no_thread_and_no_warning(listen, events_server, caplog):
-    before = set(threading.enumerate())
+def test_stop_closes_the_stream_and_leaves_no_thread_and_no_warning(listen, client, events_server, caplog):
+    before, sessions = set(threading.enumerate()), len(client._sessions)
     # A long down grace and idle timeout: nothing but stop() ends the threads in time.
     listener = listen(down_grace=30, idle_timeout=30)
     assert listener.wait_connected(5)
     listener.stop()
     assert not listener.is_alive()
+    assert len(client._sessions) == sessions  # the stream had the listener's own session, closed with it
     assert events_server.wait_for_streams(0, NAME, timeout=5)
     wait_until(lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()], timeout=5,
                what="every thread of the listener ending")
     assert warnings_and_errors(caplog) == []
+
+
+def test_the_down_grace_runs_on_a_daemon_timer(listen, events_server):
+    """A pending grace never holds the process at exit."""
+    events_server.fail_streams(503)
+    before = set(threading.enumerate())
+    listen(down_grace=30)
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t not in before]
+    assert timers and all(t.daemon for t in timers)
 
 
 def test_a_dropped_stream_is_logged_as_a_warning_and_reopened_at_once(listen, registry, events_server, caplog):
