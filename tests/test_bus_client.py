@@ -1,7 +1,9 @@
 """Events client error paths (responses) and the waiter registry as units."""
 import json
 import logging
+import re
 import threading
+import time
 
 import pytest
 import requests
@@ -112,7 +114,8 @@ def test_a_line_over_the_limit_is_discarded_and_the_stream_carries_on(client, ca
     body = b"\n".join([before, b"x" * (MAX_LINE_BYTES + extra), after, exact]) + b"\n"
     responses.get(STREAM, body=body)
     assert [e["id"] for e in client.stream("a.response", idle_timeout=1)] == ["1", "2", "3"]
-    assert caplog.text.count("discarding a line over") == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "discarding a line over 16777216 bytes on the a.response stream"]
 
 
 def test_repr_never_shows_the_token(client):
@@ -230,10 +233,64 @@ class TestRegistry:
         assert not registry.resolve("a.response", late)
         [record] = caplog.records
         assert record.levelno == logging.INFO
-        assert "a.response" in record.getMessage() and "c1" in record.getMessage()
+        assert record.getMessage() == "late a.response reply for correlation id c1: its request no longer waits"
         assert "private-output" not in caplog.text
         assert not registry.resolve("a.response", {"correlationId": "never-ours"})  # another process's
         assert len(caplog.records) == 1
+
+
+    def test_a_snake_case_correlation_id_reaches_its_waiter(self):
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        assert registry.resolve("a.response", {"correlation_id": "c1", "payload": {"n": 1}})
+        assert waiter.wait(1)["payload"] == {"n": 1}
+
+    def test_a_waiter_failed_by_mark_down_has_its_late_reply_logged_once(self, caplog):
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        waiter = registry.register("a.response", "c1")
+        registry.mark_down("a.response", "stream ended")
+        with pytest.raises(ListenerDown, match=re.escape("the a.response listener is not connected (stream ended)")):
+            waiter.wait(1)
+        registry.discard(waiter)
+        for _ in range(2):
+            assert not registry.resolve("a.response", {"correlationId": "c1", "payload": {}})
+        assert [r.getMessage() for r in caplog.records] == [
+            "late a.response reply for correlation id c1: its request no longer waits"]
+
+    def test_the_oldest_ended_waits_are_forgotten_first(self, caplog, monkeypatch):
+        from bus_containers_provider.bus import replies
+
+        monkeypatch.setattr(replies, "REMEMBERED", 2)
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        for cid in ("c1", "c2", "c3"):
+            waiter = registry.register("a.response", cid)
+            with pytest.raises(ReplyTimeout):
+                waiter.wait(0)
+            registry.discard(waiter)
+        for cid in ("c1", "c2", "c3"):
+            registry.resolve("a.response", {"correlationId": cid})
+        # c1 was forgotten: its late reply reads as another process's, dropped without a word.
+        assert [r.getMessage() for r in caplog.records] == [
+            f"late a.response reply for correlation id {cid}: its request no longer waits" for cid in ("c2", "c3")]
+
+    def test_answered_ids_count_among_those_remembered(self, caplog, monkeypatch):
+        from bus_containers_provider.bus import replies
+
+        monkeypatch.setattr(replies, "REMEMBERED", 2)
+        caplog.set_level(logging.INFO)
+        registry = ReplyRegistry()
+        expired = registry.register("a.response", "c1")
+        with pytest.raises(ReplyTimeout):
+            expired.wait(0)
+        registry.discard(expired)
+        for cid in ("c2", "c3"):  # two answered after it push c1 out
+            answered = registry.register("a.response", cid)
+            assert registry.resolve("a.response", {"correlationId": cid})
+            registry.discard(answered)
+        assert not registry.resolve("a.response", {"correlationId": "c1"})
+        assert caplog.records == []
 
 
 class TestUnwanted:
@@ -307,6 +364,7 @@ class TestCancelWatch:
         from bus_containers_provider.bus.replies import CancelWatch, Waiter
         from bus_containers_provider.errors import RunCancelled
 
+        before = set(threading.enumerate())  # other tests' watch threads may still be ending
         watch = CancelWatch(every=0.01)
         gone = threading.Event()
         left, stays = Waiter("a.response", "c1", watch), Waiter("a.response", "c2", watch)
@@ -331,7 +389,7 @@ class TestCancelWatch:
         stays._complete(envelope={"payload": {"n": 1}})
         threads[1].join(10)
         assert outcome["stays"] == {"payload": {"n": 1}}
-        assert [t.name for t in threading.enumerate()].count("cancel-watch") <= 1
+        assert [t.name for t in threading.enumerate() if t not in before].count("cancel-watch") <= 1
 
     def test_the_watch_thread_ends_once_nothing_is_watched(self):
         from bus_containers_provider.bus.replies import CancelWatch, Waiter
@@ -345,6 +403,38 @@ class TestCancelWatch:
             thread.join(5)
         assert watch._thread is None and not watch._watched
 
+    def test_one_named_daemon_thread_watches_every_waiter_of_a_registry(self):
+        registry = ReplyRegistry()
+        before = set(threading.enumerate())
+        waiters = [registry.register("a.response", cid) for cid in ("c1", "c2")]
+        threads = [threading.Thread(target=w.wait, args=(10, lambda: None)) for w in waiters]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(registry._watch._watched) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        watching = [t for t in threading.enumerate() if t not in before and t not in threads]
+        assert [(t.name, t.daemon) for t in watching] == [("cancel-watch", True)]
+        for cid in ("c1", "c2"):
+            registry.resolve("a.response", {"correlationId": cid})
+        for thread in threads:
+            thread.join(5)
+
+    def test_a_watch_whose_thread_ended_starts_another_for_the_next_wait(self):
+        from bus_containers_provider.bus.replies import CancelWatch, Waiter
+        from bus_containers_provider.errors import RunCancelled
+
+        watch = CancelWatch(every=0.01)
+        with pytest.raises(ReplyTimeout):
+            Waiter("a.response", "c1", watch).wait(0.05, lambda: None)
+        deadline = time.monotonic() + 5
+        while watch._thread is not None:  # the thread ends once nothing is watched
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(RunCancelled, match="stop"):
+            Waiter("a.response", "c2", watch).wait(5, lambda: "stop")
+
     def test_a_failing_check_does_not_stop_the_others(self, caplog):
         from bus_containers_provider.bus.replies import CancelWatch, Waiter
         from bus_containers_provider.errors import RunCancelled
@@ -355,7 +445,7 @@ class TestCancelWatch:
         with pytest.raises(RunCancelled):
             fine.wait(10, lambda: "shutting down")
         watch.remove(broken)
-        assert "checking whether a run was cancelled failed" in caplog.text
+        assert {r.getMessage() for r in caplog.records} == {"checking whether a run was cancelled failed"}
 
 
 def test_a_proxy_in_the_environment_is_not_used_for_the_events_api(events_server, monkeypatch):
@@ -371,3 +461,160 @@ def test_a_proxy_in_the_environment_is_not_used_for_the_events_api(events_server
         events.publish("a.request", "cid-proxy", {"x": 1})
     finally:
         events.close()
+
+
+# --- what goes on the wire, exactly: the contract's names, timeouts and messages -------------
+
+@responses.activate
+@pytest.mark.parametrize("base", [BASE, BASE + "/", BASE + "//"])
+def test_only_trailing_slashes_of_the_base_url_are_trimmed(base):
+    events = EventsClient(base, TOKEN)
+    responses.post(PUBLISH, status=202)
+    events.publish("a.request", "cid", {})
+    assert responses.calls[0].request.url == PUBLISH
+    events.close()
+
+
+@responses.activate
+def test_a_base_url_path_is_kept():
+    events = EventsClient(f"{BASE}/X/", TOKEN)
+    responses.post(f"{BASE}/X/api/v1/events", status=202)
+    events.publish("a.request", "cid", {})
+    assert responses.calls[0].request.url == f"{BASE}/X/api/v1/events"
+    events.close()
+
+
+@responses.activate
+def test_default_timeouts_are_5_s_to_connect_and_30_s_to_publish():
+    events = EventsClient(BASE, TOKEN)
+    responses.post(PUBLISH, status=202)
+    responses.get(STREAM, body=b"")
+    events.publish("a.request", "cid", {})
+    events.open_stream("a.response", 42).close()
+    assert [call.request.req_kwargs["timeout"] for call in responses.calls] == [(5.0, 30.0), (5.0, 42)]
+    events.close()
+
+
+@responses.activate
+@pytest.mark.parametrize("options,query", [
+    ({}, {"name": ["a.response"], "delivery": ["broadcast"]}),
+    ({"replay": True}, {"name": ["a.response"], "delivery": ["broadcast"], "replay": ["true"]}),
+    ({"follow": False}, {"name": ["a.response"], "delivery": ["broadcast"], "follow": ["false"]}),
+    ({"replay": True, "follow": False},
+     {"name": ["a.response"], "delivery": ["broadcast"], "replay": ["true"], "follow": ["false"]}),
+])
+def test_a_stream_is_asked_for_by_its_exact_query(client, options, query):
+    from urllib.parse import parse_qs, urlsplit
+
+    responses.get(STREAM, body=b"")
+    client.open_stream("a.response", 3, **options).close()
+    [call] = responses.calls
+    assert parse_qs(urlsplit(call.request.url).query) == query
+    assert call.request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert call.request.req_kwargs["timeout"] == (1, 3) and call.request.req_kwargs["stream"] is True
+
+
+@responses.activate
+def test_stream_passes_its_idle_timeout_session_and_raw_body():
+    events = EventsClient(BASE, TOKEN, connect_timeout=2)
+    used, opened = [], []
+
+    class Recording(requests.Session):
+        def get(self, *args, **kwargs):
+            used.append(self)
+            return super().get(*args, **kwargs)
+
+    session = Recording()
+    responses.get(STREAM, body=json.dumps({"id": "1", "correlationId": "c"}).encode() + b"\n")
+    assert [e["id"] for e in events.stream("a.response", idle_timeout=7, on_open=opened.append,
+                                           session=session)] == ["1"]
+    assert used == [session] and responses.calls[0].request.req_kwargs["timeout"] == (2, 7)
+    [raw] = opened
+    assert hasattr(raw, "read1") and hasattr(raw, "shutdown")
+    session.close()
+    events.close()
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [300, 307, 399])
+def test_a_redirect_is_not_followed_and_says_why(client, status):
+    for method in (responses.POST, responses.GET):
+        responses.add(method, PUBLISH if method == responses.POST else STREAM, status=status,
+                      headers={"Location": "http://elsewhere.test/"})
+    with pytest.raises(EventsUnavailable) as publish:
+        client.publish("a.request", "cid", {})
+    with pytest.raises(EventsUnavailable) as stream:
+        client.open_stream("a.response", 1)
+    advice = "a redirect, which is not followed (set BUS_EVENTS_API_URL to the Events API itself)"
+    assert str(publish.value) == f"publishing a.request: the Events API answered {status}, {advice}"
+    assert str(stream.value) == f"opening the a.response stream: the Events API answered {status}, {advice}"
+    assert len(responses.calls) == 2  # nothing was sent to elsewhere.test
+
+
+@responses.activate
+@pytest.mark.parametrize("status,kind", [(400, EventsRejected), (429, EventsRejected), (499, EventsRejected),
+                                         (500, EventsUnavailable), (503, EventsUnavailable)])
+def test_refusal_messages_name_the_action_and_the_status(client, status, kind):
+    responses.post(PUBLISH, status=status)
+    responses.get(STREAM, status=status)
+    with pytest.raises(kind) as publish:
+        client.publish("a.request", "cid", {})
+    with pytest.raises(kind) as stream:
+        client.open_stream("a.response", 1)
+    assert str(publish.value) == f"publishing a.request: the Events API answered {status}"
+    assert str(stream.value) == f"opening the a.response stream: the Events API answered {status}"
+    if kind is EventsRejected:
+        assert publish.value.status == status and stream.value.status == status
+
+
+@responses.activate
+@pytest.mark.parametrize("failure,message", [
+    (requests.ConnectionError("refused"), "publishing a.request failed: ConnectionError"),
+    (requests.ReadTimeout("slow"), "publishing a.request timed out"),
+])
+def test_publish_failure_messages(client, failure, message):
+    responses.post(PUBLISH, body=failure)
+    with pytest.raises(EventsUnavailable) as raised:
+        client.publish("a.request", "cid", {})
+    assert str(raised.value) == message
+
+
+@responses.activate
+def test_stream_failure_message(client):
+    responses.get(STREAM, body=requests.ConnectionError("refused"))
+    with pytest.raises(EventsUnavailable) as raised:
+        client.open_stream("a.response", 1)
+    assert str(raised.value) == "opening the a.response stream failed: ConnectionError"
+
+
+def test_a_broken_stream_says_which_and_how(client):
+    import urllib3
+
+    class Broken:
+        def read1(self, size):
+            raise urllib3.exceptions.ProtocolError("cut")
+
+    from bus_containers_provider.bus.client import envelopes
+
+    with pytest.raises(EventsUnavailable) as raised:
+        list(envelopes(Broken(), "a.response"))
+    assert str(raised.value) == "the a.response stream dropped: ProtocolError"
+
+
+def test_a_thread_keeps_its_stream_session(client):
+    assert client._session() is client._session()
+
+
+@pytest.mark.parametrize("environment,verify", [
+    ({}, True),
+    ({"CURL_CA_BUNDLE": "/curl.pem"}, "/curl.pem"),
+    ({"REQUESTS_CA_BUNDLE": "/requests.pem", "CURL_CA_BUNDLE": "/curl.pem"}, "/requests.pem"),
+])
+def test_a_private_ca_bundle_is_read_from_either_variable(monkeypatch, environment, verify):
+    from bus_containers_provider.bus.client import new_session
+
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert new_session().verify == verify

@@ -18,7 +18,8 @@ from inflight import RUN_REPLY, RUN_REQUEST, RUNS, caught_up, reply_as_worker, s
 
 @pytest.fixture
 def app_env(events_server):
-    return events_env(events_server, BUS_EVENTS_LISTENER_REQUIRED="1")
+    # A short run grace: the runs here that go unanswered wait timeout_seconds + 0.5 s, not + 2 s.
+    return events_env(events_server, BUS_EVENTS_LISTENER_REQUIRED="1", BUS_CONTAINERS_RUN_TIMEOUT_GRACE="500ms")
 
 
 @pytest.fixture
@@ -108,14 +109,14 @@ def test_a_reply_never_published_is_answered_at_the_runs_deadline(app, client, e
     events_server.reset_faults()
     thread.join(15)
     assert box["response"].status_code == 503 and box["response"].headers["Retry-After"]
-    assert time.monotonic() - started >= 3  # timeout_seconds (1) + run grace (2): its own deadline
+    assert time.monotonic() - started >= 1.5  # timeout_seconds (1) + run grace (0.5): its own deadline
     assert bus(app).registry.pending() == 0
 
 
 class TestWithoutRetry:
     @pytest.fixture
     def app_env(self, events_server):
-        return dict(events_env(events_server), BUS_EVENTS_LISTENER_RETRY="0", BUS_EVENTS_LISTENER_DOWN_GRACE="5s")
+        return dict(events_env(events_server), BUS_EVENTS_LISTENER_RETRY="0", BUS_EVENTS_LISTENER_DOWN_GRACE="2s")
 
     def test_a_dropped_stream_fails_its_waiters_after_the_down_grace(self, app, client, events_server):
         thread, box = start_run(client, timeout_seconds=30)
@@ -126,7 +127,7 @@ class TestWithoutRetry:
         listener.join(5)
         assert not listener.is_alive()
         assert thread.is_alive() and bus(app).registry.pending(RUN_REPLY) == 1
-        thread.join(15)  # the down grace (5 s), not the 32 s run wait
+        thread.join(15)  # the down grace (2 s), not the 30.5 s run wait
         assert not thread.is_alive() and box["response"].status_code == 503
         assert bus(app).registry.pending() == 0
 

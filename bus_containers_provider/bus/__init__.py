@@ -105,10 +105,10 @@ class Bus:
                 if exc.unauthorized:
                     log.error("the Events API refused the provider's token for %s (HTTP %d)", request_name, exc.status)
                 else:
-                    log.error("%s", exc)
+                    log.error("%s", exc)  # pragma: no mutate
                 raise
             except EventsError as exc:
-                log.warning("%s", exc)
+                log.warning("%s", exc)  # pragma: no mutate
                 raise
             if published is not None:
                 published()

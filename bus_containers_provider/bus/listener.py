@@ -38,7 +38,7 @@ class _Reader(threading.Thread):
                 log.warning("%s", exc)
                 self.error = str(exc)
         except Exception:  # a bug must not end the stream silently
-            log.exception("the %s stream reader failed", self.reply_name)
+            log.exception("the %s stream reader failed", self.reply_name)  # pragma: no mutate
             self.error = "unexpected error"
         finally:
             self._response.close()
@@ -194,7 +194,7 @@ class Listener(threading.Thread):
                         if self._stopping.is_set() or not self._registry.any_pending(missed):
                             break
         except EventsError as exc:
-            log.warning("catching up on %s failed: %s", self.reply_name, exc)
+            log.warning("catching up on %s failed: %s", self.reply_name, exc)  # pragma: no mutate
         log.info("caught up on %s: %d of %d waiting replies found in %d stored events (%.2fs)",
                  self.reply_name, found, len(missed), read, time.monotonic() - started)
 
@@ -223,9 +223,9 @@ class Listener(threading.Thread):
             self._was_up = True
         metrics.listener_state(self.reply_name, True)
         if replacing:
-            log.debug("replaced the idle %s stream", self.reply_name)
+            log.debug("replaced the idle %s stream", self.reply_name)  # pragma: no mutate
         else:
-            log.info("listening for %s", self.reply_name)
+            log.info("listening for %s", self.reply_name)  # pragma: no mutate
 
     def _went_down(self, reason: str) -> None:
         with self._state_lock:
