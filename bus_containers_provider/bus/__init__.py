@@ -1,5 +1,6 @@
 """Request/reply over the Bus Events API: publish a request, wait for its correlated reply."""
 import logging
+import time
 import uuid
 from typing import Callable, Dict, Optional, Tuple
 
@@ -99,6 +100,7 @@ class Bus:
         correlation_id = str(uuid.uuid4())
         waiter = self.registry.register(reply_name, correlation_id)
         try:
+            started = time.perf_counter()
             try:
                 self.client.publish(request_name, correlation_id, payload)
             except EventsRejected as exc:
@@ -112,7 +114,7 @@ class Bus:
                 raise
             if published is not None:
                 published()
-            with metrics.reply_timer(reply_name):  # §8: from the publish to the reply
+            with metrics.reply_timer(reply_name, started):  # §8: from the publish to the reply
                 return waiter.wait(timeout, cancelled)
         finally:
             self.registry.discard(waiter)

@@ -140,13 +140,14 @@ def replayed() -> None:
 # --- the Events API -----------------------------------------------------------
 
 @contextmanager
-def reply_timer(event: str):
-    """Times one request/reply round trip on `event` (the reply name); a reply timeout is counted apart."""
+def reply_timer(event: str, started: float):
+    """Times one request/reply round trip on `event` (the reply name) from `started` (a perf_counter
+    reading taken before the publish: the worker may answer before the publish returns);
+    a reply timeout is counted apart."""
     s = _series
     if s is None:
         yield
         return
-    started = time.perf_counter()
     try:
         yield
     except Exception as exc:
