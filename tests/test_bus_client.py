@@ -618,3 +618,44 @@ def test_a_private_ca_bundle_is_read_from_either_variable(monkeypatch, environme
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert new_session().verify == verify
+
+
+class _Pieces:
+    """A raw stream whose read1 hands out the given pieces, one per call."""
+
+    def __init__(self, pieces):
+        self._pieces = list(pieces)
+
+    def read1(self, _size):
+        return self._pieces.pop(0) if self._pieces else b""
+
+
+def _line_of(size: int, envelope_id: str) -> bytes:
+    head = b'{"id":"' + envelope_id.encode() + b'","name":"a.response","payload":{"pad":"'
+    tail = b'"}}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+def test_a_line_at_the_cap_split_over_reads_is_kept_and_one_byte_over_is_dropped(split, caplog):
+    """§5: lines up to 16 MiB are read whole however the stream cuts them; a longer one is dropped alone."""
+    from bus_containers_provider.bus.client import MAX_LINE_BYTES, envelopes
+
+    at_cap, over = _line_of(MAX_LINE_BYTES, "at-cap"), _line_of(MAX_LINE_BYTES + 1, "over")
+    data = at_cap + b"\n" + over + b"\n" + b'{"id":"after","name":"a.response","payload":{}}\n'
+    step = -(-len(data) // (split * 2))
+    pieces = [data[i:i + step] for i in range(0, len(data), step)]
+    got = [e["id"] for e in envelopes(_Pieces(pieces), "a.response")]
+    assert got == ["at-cap", "after"]
+    assert "discarding a line over" in caplog.text
+
+
+def test_a_line_at_the_cap_ending_a_read_that_began_with_another_line_is_kept():
+    """The cap counts only the line's own bytes: not those of the line before it in the same read,
+    and a line of exactly 16 MiB whose newline comes in the next read is whole, not over."""
+    from bus_containers_provider.bus.client import MAX_LINE_BYTES, envelopes
+
+    first = b'{"id":"first","name":"a.response","payload":{}}'
+    pieces = [first + b"\n" + _line_of(MAX_LINE_BYTES, "at-cap"),
+              b'\n{"id":"after","name":"a.response","payload":{}}\n']
+    assert [e["id"] for e in envelopes(_Pieces(pieces), "a.response")] == ["first", "at-cap", "after"]
