@@ -99,7 +99,7 @@ class TestIdempotencyKeyStatic:
         assert theirs.get_json()["run_id"] != mine["run_id"]
         assert theirs.get_json()["owner_account_id"] == "acct-b"
 
-    @pytest.mark.parametrize("header", ["", " ", "a b", "é", "x" * 256, '"bad\\escape"',
+    @pytest.mark.parametrize("header", ["", " ", '""', "a b", "é", "x" * 256, '"bad\\escape"',
                                         '"inner"quote"', "tab\there", '"trailing\\"'])
     def test_a_malformed_key_is_400_before_anything_runs(self, client, header):
         response = post(client, key=header)
@@ -457,6 +457,50 @@ class TestLeases:
         count = len(renewed)
         controls.renew()
         assert len(renewed) == count
+
+
+class TestRenewalThread:
+    """start() renews every RENEW_SECONDS on a thread of its own, and stop() ends it."""
+
+    class Recording(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.renewals = 0
+
+        def renew(self, slots, keys, lease):
+            self.renewals += 1
+            super().renew(slots, keys, lease)
+
+    @pytest.fixture(autouse=True)
+    def quick(self, monkeypatch):
+        monkeypatch.setattr("bus_containers_provider.controls.RENEW_SECONDS", 0.01)
+
+    def renewing(self, store):
+        before = store.renewals
+        wait_until(lambda: store.renewals >= before + 3, what="three renewals by the thread")
+
+    def test_a_held_slot_is_renewed_by_the_thread_until_stop(self):
+        store = self.Recording()
+        controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        threads = threading.active_count()
+        with controls.slot("acct-a", "run_1"):
+            controls.start()
+            self.renewing(store)
+            controls.stop()
+            assert threading.active_count() == threads  # joined, so nothing renews any more
+            count = store.renewals
+            controls.renew()  # by hand it still works: the count moves only for that
+            assert store.renewals == count + 1
+
+    def test_start_after_stop_renews_again(self):
+        store = self.Recording()
+        controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        with controls.slot("acct-a", "run_1"):
+            controls.start()
+            controls.stop()
+            controls.start()
+            self.renewing(store)
+            controls.stop()
 
 
 class Interleaved(MemoryStore):
