@@ -238,7 +238,6 @@ class TestRegistry:
         assert not registry.resolve("a.response", {"correlationId": "never-ours"})  # another process's
         assert len(caplog.records) == 1
 
-
     def test_a_snake_case_correlation_id_reaches_its_waiter(self):
         registry = ReplyRegistry()
         waiter = registry.register("a.response", "c1")
