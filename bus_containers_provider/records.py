@@ -73,6 +73,7 @@ def item(record: dict) -> dict:
     answer = record.get("answer")
     if answer is not None and answer["status"] == 200:
         shown["result"] = answer["body"]
+        shown["details"]["exit_code"] = answer["body"]["exit_code"]
     elif answer is not None:
         shown["error"] = answer["body"]["error"]
     return shown
@@ -122,7 +123,7 @@ class RunRecords:
 
     def __init__(self, store, backend, usage, controls, settings):
         self.store = store
-        self._backend = backend
+        self.backend = backend
         self._usage = usage
         self._controls = controls
         self._settings = settings
@@ -156,7 +157,7 @@ class RunRecords:
         try:
             self._controls.bind(key, run.run_id)
             self._count(live)
-            live.handle = self._backend.start(run, record["correlation_id"], partial(self._replied, live))
+            live.handle = self.backend.start(run, record["correlation_id"], partial(self._replied, live))
         except BaseException:
             self._uncount(live)
             self._untrack(live)
@@ -208,11 +209,11 @@ class RunRecords:
 
     def wait(self, live: Live, gone: Callable[[], Optional[str]] = never) -> Answer:
         """A foreground caller's wait: the answer once the reply comes, the deadline passes or the caller goes."""
-        self._backend.watch(live.handle, gone)
+        self.backend.watch(live.handle, gone)
         try:
             live.replied.wait(max(0.0, live.record["deadline"] - time.time()))
         finally:
-            self._backend.unwatch(live.handle)
+            self.backend.unwatch(live.handle)
         self._complete(live)
         return live.answer
 
@@ -229,7 +230,7 @@ class RunRecords:
             metrics.reply_timed_out("bus.containers.run.response")
         if error is None:
             try:
-                result = check_owner(self._backend.result(reply, record["run_id"]), record["owner_account_id"])
+                result = check_owner(self.backend.result(reply, record["run_id"]), record["owner_account_id"])
                 metrics.reply_seconds("bus.containers.run.response", now - record["published_at"])
             except ProviderError as exc:
                 error = exc
@@ -250,7 +251,7 @@ class RunRecords:
         """Nobody will read this run's result: bill nobody for it, stop it, forget it."""
         log.info("run %s cancelled: %s", live.run_id, reason)  # pragma: no mutate
         try:
-            self._backend.cancel(run_of(live.record))
+            self.backend.cancel(run_of(live.record))
         except ProviderError as error:
             log.warning("the cancel request for run %s was not published: %s", live.run_id, error)
         self._finish(live, answer, FAILED, {"reason": CANCELLED}, forget=True)
@@ -262,7 +263,7 @@ class RunRecords:
                 return
             live.finishing = True
         record = live.record
-        self._backend.release(live.handle)
+        self.backend.release(live.handle)
         try:
             finished = self._store_answer(live, answer, forget)
         except StateUnavailable:
@@ -288,9 +289,10 @@ class RunRecords:
             self._controls.release_slot(record["owner_account_id"], record["run_id"])
             self._uncount(live, answer.body.get("status") if answer.status == 200 else ERROR)
         else:
-            # Another process completed it first: everyone here gets that answer.
+            # Another process completed it first: everyone here gets that answer (a record gone
+            # altogether was deleted there and not kept for a key).
             self._uncount(live)
-            answer = self._stored_answer(record["run_id"]) or live.answer
+            answer = self._stored_answer(record["run_id"]) or live.answer or cancelled_answer(record, time.time())
         live.answer = answer
         self._untrack(live)
         live.done.set()
@@ -444,12 +446,12 @@ class RunRecords:
             if live is not None and (record is None or record["state"] == FINISHED):
                 with self._lock:
                     live.finishing = True
-                self._backend.release(live.handle)
+                self.backend.release(live.handle)
                 self._settled(live, None, FAILED, {})
 
     def _adopt(self, run_id: Optional[str] = None) -> bool:
         """Take over running records whose holder went silent (or just `run_id`'s); True if any was taken."""
-        if not self._backend.can_adopt():
+        if not self.backend.can_adopt():
             return False
         taken = self.store.take_runs(ADOPT_BATCH, LEASE_SECONDS, run_id)
         for record in taken:
@@ -466,7 +468,7 @@ class RunRecords:
         self._track(live)
         self._count(live)
         try:
-            live.handle = self._backend.adopt(record["correlation_id"], partial(self._replied, live))
+            live.handle = self.backend.adopt(record["correlation_id"], partial(self._replied, live))
         except ProviderError as exc:
             # Our reply stream is down: give it back at once for a process that can wait for it.
             log.warning("could not adopt run %s: %s", record["run_id"], exc)  # pragma: no mutate
