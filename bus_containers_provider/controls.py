@@ -242,6 +242,10 @@ class RunControls:
         self.store.bind_key(key.scope, run_id, self._ttl)
         self._release(keys=(key.scope, run_id))
 
+    def drop_key(self, scope: str, run_id: str) -> None:
+        """A handed-over run was cancelled by circumstance (caller gone, shutdown): a retry may run it again."""
+        self.forget(Key(scope, new=True), run_id)
+
     def forget(self, key: Key, run_id: str) -> None:
         """An answer given before delegation is not remembered: a retry tries again."""
         if not key.new:

@@ -10,7 +10,8 @@ from .backends import Backend, RunRequest, create_backend
 from .billing import EventsBilling, NoBilling
 from .config import Settings
 from .controls import RunControls, fingerprint, never
-from .errors import Conflict, RunNotFound
+from .errors import Conflict, StateUnavailable
+from .logs import backend_timer
 from .prefer import NONE, Preferences
 from .records import POLL_HINT, Answer, RunRecords, item
 from .state import create_store
@@ -46,6 +47,11 @@ class Provider:
         self.records.start()
 
     def stop(self) -> None:
+        if not self.settings.state_url:
+            # Nobody else could finish a detached run: it gets the shutdown grace (drain ends it), then is
+            # cancelled like a foreground run. With a shared store another process adopts it instead.
+            self.records.wait_detached(self.draining, self.settings.shutdown_grace)
+            self.records.cancel_detached("the provider is shutting down")
         # Records first (what they finish still records usage); usage next: its flush still needs
         # the bus and, with an outbox, the store.
         self.records.stop(hand_over=bool(self.settings.state_url))
@@ -96,9 +102,10 @@ class Provider:
                                     wait=self.settings.run_wait(run.timeout_seconds), gone=gone)
             if key.bound is not None:
                 return self._again(key, run, prefer, gone)
-            live = self._hand_over(run, key, detached)
-            if not detached:
-                return self.records.wait(live, gone)
+            with backend_timer():
+                live = self._hand_over(run, key, detached)
+                if not detached:
+                    return self.records.wait(live, gone)
         return self._detached(live.record, prefer)
 
     def _hand_over(self, run: RunRequest, key, detached: bool):
@@ -158,11 +165,9 @@ class Provider:
 
     def read_run(self, account: str, run_id: str, wait: Optional[int] = None):
         """(item, headers) of one of the caller's runs: from its record, else from the backend (§3)."""
-        record = self.records.read(run_id)
+        record = self._record_of(account, run_id)
         if record is None:
             return self.backend.get_run(account, run_id), {}
-        if record["owner_account_id"] != account:
-            raise RunNotFound()  # no existence leak, and no wait for another account's run
         headers = {}
         if wait and record["state"] == RUNNING:
             # A wait holds a thread: only with capacity to spare; without, the item is answered at once.
@@ -177,15 +182,16 @@ class Provider:
 
     def list_runs(self, account: str) -> list:
         """The caller's records, newest first, then the backend's runs that have none."""
-        items = [item(record) for record in self.records.store.list_runs(account, LISTED)]
+        try:
+            items = [item(record) for record in self.records.store.list_runs(account, LISTED)]
+        except StateUnavailable:
+            items = []  # the backend's items still answer while the store is down
         listed = {shown["id"] for shown in items}
         return items + [shown for shown in self.backend.runs(account) if shown["id"] not in listed]
 
     def delete_run(self, account: str, run_id: str) -> dict:
         """Cancel a running run with a record (everyone waiting gets `cancelled`), or delete via the backend."""
-        record = self.records.read(run_id)
-        if record is not None and record["owner_account_id"] != account:
-            raise RunNotFound()
+        record = self._record_of(account, run_id)
         if record is not None and record["state"] == RUNNING:
             self.records.cancel(record)
             return {"deleted": True, "run_id": run_id, "owner_account_id": account}
@@ -195,6 +201,15 @@ class Provider:
         return result
 
     # -- helpers -------------------------------------------------------------------
+
+    def _record_of(self, account: str, run_id: str) -> Optional[dict]:
+        """The caller's record of `run_id`; another account's is as absent as a missing one, so both are
+        answered the same way (by the backend: 404), with no wait and nothing that tells them apart."""
+        try:
+            record = self.records.read(run_id)
+        except StateUnavailable:
+            return None  # §7: reads and deletes still work while the store is down, as the backend answers them
+        return record if record is not None and record["owner_account_id"] == account else None
 
     def _usage_now(self, run: RunRequest) -> None:
         """`container_run_requested`, before the run: raises when it cannot be made."""

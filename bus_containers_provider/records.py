@@ -37,6 +37,8 @@ ADOPT_BATCH = 100
 POLL_HINT = 2
 # A wait for a record held elsewhere reads it this often (backing off to the longest).
 READ_POLL = (0.05, 1.0)
+# How long a stopping process waits for a run being cancelled by another thread.
+CANCEL_WAIT = 5.0
 # Threads that complete records without a caller waiting (their replies come on a listener thread).
 COMPLETERS = 4
 
@@ -110,6 +112,7 @@ class Live:
     done: threading.Event = field(default_factory=threading.Event)
     answer: Optional[Answer] = None
     finishing: bool = False
+    cancelling: bool = False
     counted: bool = False  # in this process's in-flight metrics
     unstored: Optional[tuple] = None  # (usage type, data, forget): answered, not yet taken by the store
 
@@ -148,10 +151,10 @@ class RunRecords:
             "state": RUNNING, "run_id": run.run_id, "owner_account_id": run.owner_account_id,
             "correlation_id": str(uuid.uuid4()), "created": now, "published_at": now,
             "deadline": now + self._settings.run_wait(run.timeout_seconds), "detached": detached,
-            "args": list(run.command), "keyed": key.scope is not None,
+            "args": list(run.command), "key": key.scope,
             **{k: getattr(run, k) for k in ("profile", "image", "timeout_seconds") if getattr(run, k) is not None},
         }
-        self.store.put_run(record, LEASE_SECONDS, record["deadline"] - now + self._keep(record["keyed"]))
+        self.store.put_run(record, LEASE_SECONDS, record["deadline"] - now + self._keep(record["key"]))
         live = Live(record, attached=not detached)
         self._track(live)
         try:
@@ -168,9 +171,9 @@ class RunRecords:
             raise
         return live
 
-    def _keep(self, keyed: bool) -> float:
+    def _keep(self, key: Optional[str]) -> float:
         # A record a key points at is kept as long as the key, so a retry can still be answered.
-        return max(self._settings.run_retention, self._settings.idempotency_ttl if keyed else 0)
+        return max(self._settings.run_retention, self._settings.idempotency_ttl if key else 0)
 
     def _track(self, live: Live) -> None:
         with self._lock:
@@ -222,7 +225,9 @@ class RunRecords:
         reply, error = live.reply or (None, None)
         record, now = live.record, time.time()
         if isinstance(error, RunCancelled):
-            self._cancel(live, cancelled_answer(record, now), str(error))
+            # Its caller went away or the provider is stopping: not the user's choice, so a retry with
+            # its key may run it again; a caller still connected is told to retry (503).
+            self._cancel(live, Answer.of_error(error, record["run_id"]), str(error), drop_key=True)
             return
         if live.reply is None:
             error = Unavailable(f"no bus.containers.run.response reply within "  # pragma: no mutate
@@ -247,16 +252,23 @@ class RunRecords:
                                     "image": result["image"], "status": result["status"]})
         self._finish(live, Answer(200, run_answer_schema.dump(result)), *usage)
 
-    def _cancel(self, live: Live, answer: Answer, reason: str) -> None:
-        """Nobody will read this run's result: bill nobody for it, stop it, forget it."""
+    def _cancel(self, live: Live, answer: Answer, reason: str, drop_key: bool = False) -> None:
+        """Nobody will read this run's result: bill nobody for it, stop it, forget it (with `drop_key`, its key too)."""
+        with self._lock:
+            if live.cancelling or live.finishing:
+                return  # cancelled once: one delete request, one usage record
+            live.cancelling = True
         log.info("run %s cancelled: %s", live.run_id, reason)  # pragma: no mutate
         try:
             self.backend.cancel(run_of(live.record))
         except ProviderError as error:
             log.warning("the cancel request for run %s was not published: %s", live.run_id, error)
-        self._finish(live, answer, FAILED, {"reason": CANCELLED}, forget=True)
+        self._finish(live, answer, FAILED, {"reason": CANCELLED}, forget=True, drop_key=drop_key)
+        if drop_key and live.record.get("key"):
+            self._controls.drop_key(live.record["key"], live.run_id)
 
-    def _finish(self, live: Live, answer: Answer, usage_type: str, usage_data: dict, forget: bool = False) -> None:
+    def _finish(self, live: Live, answer: Answer, usage_type: str, usage_data: dict, forget: bool = False,
+                drop_key: bool = False) -> None:
         """Store the answer once; only the call that stored it records usage and frees the slot."""
         with self._lock:
             if live.finishing:
@@ -265,28 +277,29 @@ class RunRecords:
         record = live.record
         self.backend.release(live.handle)
         try:
-            finished = self._store_answer(live, answer, forget)
+            finished = self._store_answer(live, answer, forget, drop_key)
         except StateUnavailable:
             # The caller still gets the answer; the keeper stores it once the store is back.
             log.warning("could not store the answer of run %s yet; trying again", record["run_id"])  # pragma: no mutate
             live.answer = answer
-            live.unstored = (usage_type, usage_data, forget)
+            live.unstored = (usage_type, usage_data, forget, drop_key)
             live.done.set()
             return
         self._settled(live, answer if finished is not None else None, usage_type, usage_data)
 
-    def _store_answer(self, live: Live, answer: Answer, forget: bool) -> Optional[dict]:
-        keyed = live.record.get("keyed", False)
+    def _store_answer(self, live: Live, answer: Answer, forget: bool, drop_key: bool = False) -> Optional[dict]:
+        key = None if drop_key else live.record.get("key")
         # A deleted run is forgotten at once, unless a key still points at it.
-        keep = 0 if forget and not keyed else self._keep(keyed)
+        keep = 0 if forget and not key else self._keep(key)
         return self.store.finish_run(live.run_id, live.record["owner_account_id"], answer.stored(), keep,
                                      forget=forget)
 
     def _settled(self, live: Live, answer: Optional[Answer], usage_type: str, usage_data: dict) -> None:
         record = live.record
         if answer is not None:
-            self._record_usage(usage_type, record, usage_data)
+            # The slot first: a caller told its run ended may start the next one at once.
             self._controls.release_slot(record["owner_account_id"], record["run_id"])
+            self._record_usage(usage_type, record, usage_data)
             self._uncount(live, answer.body.get("status") if answer.status == 200 else ERROR)
         else:
             # Another process completed it first: everyone here gets that answer (a record gone
@@ -386,9 +399,20 @@ class RunRecords:
     def cancel_detached(self, reason: str) -> None:
         """Shutting down with no store another process could adopt from: nobody would finish these."""
         with self._lock:
-            detached = [live for live in self._live.values() if not live.attached and not live.finishing]
+            detached = [live for live in self._live.values() if not live.attached]
         for live in detached:
-            self._cancel(live, cancelled_answer(live.record, time.time()), reason)
+            self._cancel(live, Answer.of_error(RunCancelled(reason), live.run_id), reason, drop_key=True)
+        for live in detached:  # some may be cancelled by another thread (the drain) right now
+            live.done.wait(CANCEL_WAIT)
+
+    def wait_detached(self, over: threading.Event, timeout: float) -> None:
+        """Wait until no detached run is left here, `over` is set or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not over.is_set():
+            with self._lock:
+                if not any(not live.attached for live in self._live.values()):
+                    return
+            over.wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def in_flight(self) -> int:
         with self._lock:
@@ -429,8 +453,8 @@ class RunRecords:
         with self._lock:
             unstored = [live for live in self._live.values() if live.unstored]
         for live in unstored:
-            usage_type, usage_data, forget = live.unstored
-            finished = self._store_answer(live, live.answer, forget)
+            usage_type, usage_data, forget, drop_key = live.unstored
+            finished = self._store_answer(live, live.answer, forget, drop_key)
             live.unstored = None
             self._settled(live, live.answer if finished is not None else None, usage_type, usage_data)
 

@@ -429,7 +429,7 @@ def test_without_metrics_addr_nothing_is_exported_or_imported():
              "from bus_containers_provider.serving import gunicorn_options; "
              "from bus_containers_provider import metrics; "
              "app = create_app({'BUS_CONTAINERS_JWT_SECRET': sys.argv[1]}); gunicorn_options(app.extensions"
-             "['bus_containers'].settings); metrics.run_started(); metrics.run_finished('succeeded'); "
+             "['bus_containers'].settings); metrics.run_started(); metrics.run_ended(status='succeeded'); "
              "metrics.listener_state('x', True); metrics.usage_lost(); "
              "print('prometheus_client' in sys.modules, metrics.enabled())")
     result = subprocess.run([sys.executable, "-c", probe, SECRET], env=provider_env(), cwd=ROOT,

@@ -339,8 +339,7 @@ class TestCancelWithTheEventsApiDown:
                 events_server.fail_publish(503)  # the delete request will not get out
                 left.set()
                 answer = waiting.result(timeout=10)
-        # Nobody reads it; the run's record keeps the cancelled result (§9) and forgets it.
-        assert answer.status == 200 and answer.body["status"] == "cancelled"
+        assert answer.status == 503 and answer.body["error"]["details"] == {"run_id": "run_gone"}
         events_server.reset_faults()
         failed = [r for r in provider.usage.records if r["event_type"] == "container_run_failed"]
         assert [(r["data"]["run_id"], r["data"]["reason"]) for r in failed] == [("run_gone", "cancelled")]

@@ -190,14 +190,16 @@ def test_a_record_whose_deadline_passes_finishes_with_the_503():
     assert here.store.acquire_slot("acct-a", "run_9", 1, 30) == (True, 1)
 
 
-def test_a_caller_gone_cancels_the_run_for_everyone_and_forgets_it():
+def test_a_caller_gone_cancels_the_run_and_frees_its_key_for_a_retry():
     here = Process(MemoryStore())
-    live = here.open(detached=False)
+    key = here.controls.claim("acct-a", "k", "fp", "run_1")
+    live = here.open(detached=False, key=key)
     answer = here.records.wait(live, gone=lambda: "the caller went away")
-    assert answer.status == 200 and answer.body["status"] == "cancelled" and answer.body["exit_code"] is None
-    assert answer.body["runner_name"] is None and answer.body["runtime"] is None
+    assert answer.status == 503 and answer.body["error"]["details"] == {"run_id": "run_1"}
     assert here.backend.cancelled == ["run_1"]
     assert here.store.read_run("run_1") is None and here.records.read("run_1") is None
+    # Not the user's choice: the same key runs again.
+    assert here.controls.claim("acct-a", "k", "fp", "run_2").new
     [failed] = [r for r in here.usage.records if r["event_type"] == "container_run_failed"]
     assert failed["data"]["reason"] == "cancelled"
 
@@ -215,13 +217,17 @@ def test_a_cancel_elsewhere_reaches_the_holders_waiters_at_its_next_renewal():
     assert holder.usage_of("run_1") == [] and other.usage_of("run_1") == ["container_run_failed"]
 
 
-def test_a_key_keeps_a_deleted_run_for_its_retries():
+def test_a_deleted_run_is_forgotten_but_kept_for_its_keys_retries():
     here = Process(MemoryStore())
     key = here.controls.claim("acct-a", "k", "fp", "run_1")
     here.open(key=key)
-    here.records.cancel(here.store.read_run("run_1"))
+    answer = here.records.cancel(here.store.read_run("run_1"))
+    body = answer.body
+    assert body["status"] == "cancelled" and body["exit_code"] is None and body["runner_name"] is None
+    assert body["runtime"] is None and body["stdout"] == "" and not body["stdout_truncated"]
     assert here.records.read("run_1") is None  # a GET is a 404
-    assert here.store.read_run("run_1")["answer"]["body"]["status"] == "cancelled"  # a retry is answered
+    assert here.store.read_run("run_1")["answer"]["body"] == body  # a retry with the key is answered
+    assert here.controls.claim("acct-a", "k", "fp", "run_2").bound == "run_1"
 
 
 class Flaky(MemoryStore):
