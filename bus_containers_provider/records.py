@@ -93,7 +93,7 @@ def cancelled_answer(record: dict, now: float) -> Answer:
     result = {
         "run_id": record["run_id"], "owner_account_id": record["owner_account_id"], "runner_name": None,
         "image": run_of(record).image_label, "args": record["args"], "exit_code": None, "stdout": "", "stderr": "",
-        "duration_ms": max(0, int((now - record["published_at"]) * 1000)), "runtime": None, "status": CANCELLED,
+        "duration_ms": max(0, int((now - record["created"]) * 1000)), "runtime": None, "status": CANCELLED,
         "stdout_truncated": False, "stderr_truncated": False,
     }
     return Answer(200, result)
@@ -149,7 +149,7 @@ class RunRecords:
         now = time.time()
         record = {
             "state": RUNNING, "run_id": run.run_id, "owner_account_id": run.owner_account_id,
-            "correlation_id": str(uuid.uuid4()), "created": now, "published_at": now,
+            "correlation_id": str(uuid.uuid4()), "created": now,
             "deadline": now + self._settings.run_wait(run.timeout_seconds), "detached": detached,
             "args": list(run.command), "key": key.scope,
             **{k: getattr(run, k) for k in ("profile", "image", "timeout_seconds") if getattr(run, k) is not None},
@@ -231,12 +231,12 @@ class RunRecords:
             return
         if live.reply is None:
             error = Unavailable(f"no bus.containers.run.response reply within "  # pragma: no mutate
-                                f"{record['deadline'] - record['published_at']:g}s")
+                                f"{record['deadline'] - record['created']:g}s")
             metrics.reply_timed_out("bus.containers.run.response")
         if error is None:
             try:
                 result = check_owner(self.backend.result(reply, record["run_id"]), record["owner_account_id"])
-                metrics.reply_seconds("bus.containers.run.response", now - record["published_at"])
+                metrics.reply_seconds("bus.containers.run.response", now - record["created"])
             except ProviderError as exc:
                 error = exc
         if error is not None:

@@ -105,7 +105,7 @@ def test_a_run_waits_its_timeout_plus_the_grace(body, wait):
                         Key(), detached=True)
     [(name, payload, _)] = bus.calls
     assert name == "bus.containers.run.request"
-    assert live.record["deadline"] - live.record["published_at"] == wait
+    assert live.record["deadline"] - live.record["created"] == wait
     assert payload.get("timeout_seconds") == body.get("timeout_seconds")
     records.stop(hand_over=False)
 

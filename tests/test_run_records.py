@@ -158,8 +158,9 @@ def test_two_processes_completing_one_run_complete_it_once():
     assert record["answer"]["body"]["stdout"] in ("one", "two")
 
 
-def test_an_orphaned_record_is_adopted_by_its_correlation_id_and_never_published_again(monkeypatch):
+def test_an_orphaned_record_is_adopted_by_its_correlation_id_and_never_published_again(monkeypatch, counted):
     monkeypatch.setattr(records_module, "LEASE_SECONDS", 0.2)
+    adopted = counted("bus_containers_runs_adopted_total")
     store = MemoryStore()
     dead, alive = Process(store), Process(store)
     dead.open()  # this process dies now: it renews nothing from here on
@@ -172,6 +173,7 @@ def test_an_orphaned_record_is_adopted_by_its_correlation_id_and_never_published
     assert record["answer"]["body"]["run_id"] == "run_1"
     assert alive.usage_of("run_1") == ["container_run_finished"] and dead.usage_of("run_1") == []
     assert store.acquire_slot("acct-a", "run_9", 1, 30) == (True, 1)
+    assert counted("bus_containers_runs_adopted_total") == adopted + 1
 
 
 def test_a_record_whose_deadline_passes_finishes_with_the_503():
