@@ -14,7 +14,8 @@ while the run is certainly in flight:
     after the adoption - without publishing the run again;
 (c) a run whose reply never comes finishes at its deadline with the 503 answer,
     ``container_run_failed`` ``reason: unavailable``, and its account slot free - with its
-    publisher alive (foreground and detached) or killed.
+    publisher alive (foreground and detached) or killed; and a run that any process reads as
+    finished has freed its slot already, so the account's next run is never a 429.
 
 Every wait is a bounded poll for the fact itself.
 """
@@ -39,6 +40,7 @@ ADOPTION = 60.0  # CONTRACT §9: another process adopts a dead process's record 
 SLACK = 15.0  # on top of a contract bound, for a loaded machine: an answer, a usage record, a scheduler
 HELD_RUN_TIMEOUT = 120  # timeout_seconds of a held run: its deadline lies far beyond any adoption
 WAIT = 5  # Prefer: wait=N of the polling reads
+ROUNDS = 500  # runs read as finished on the other process, each followed at once by the next
 
 pytestmark = [pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds gunicorn workers in /proc"),
               pytest.mark.timeout(ADOPTION + 3 * SLACK + 120)]
@@ -322,3 +324,31 @@ def test_c_a_run_whose_reply_never_comes_finishes_at_its_deadline_with_the_503_a
         processes.stop(provider)
     assert_one_run(events_server, nonce, run_id)
     assert_recorded_once(responder, FAILED, run_id)
+
+
+def test_a_run_read_as_finished_on_the_other_process_has_freed_its_account_slot(providers):
+    """Completing a run frees its slot (§9): whoever is told it finished may start the next run at once.
+
+    Each round's run is submitted to one process and read as finished on the other, with
+    Prefer: wait; the account's next run (limit 1) follows at once. A slot freed only after the
+    record reads as finished refuses some of those runs with a 429: about one round in a hundred
+    here, so 500 rounds (some 20 s) catch it nearly always, and a correct provider never fails.
+    """
+    first, second = providers("--max-runs-per-account", "1")
+    account = "acct-adopt-slot"
+    refused = []
+    for number in range(ROUNDS):
+        publisher, reader = (first, second) if number % 2 == 0 else (second, first)
+        run_id = submit_detached(publisher, {"profile": "p", "args": ["echo", str(number)]}, account)
+        finished(reader, run_id, account, within=SLACK)
+        following = requests.post(reader.url + RUNS, json={"profile": "p", "args": ["echo", "next"]},
+                                  headers=bearer(account), timeout=30)
+        if following.status_code == 429:
+            refused.append(run_id)
+            # Not this round's fault any more: the slot frees itself an instant later.
+            wait_for(lambda: requests.post(reader.url + RUNS, json={"profile": "p", "args": ["echo", "again"]},
+                                           headers=bearer(account), timeout=30).status_code == 200,
+                     SLACK, "the account's slot free again")
+        else:
+            assert following.status_code == 200, following.text
+    assert not refused, f"{len(refused)} of {ROUNDS} runs read as finished still held their slot: {refused}"
