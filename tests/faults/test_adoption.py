@@ -11,7 +11,8 @@ while the run is certainly in flight:
     in all, one ``container_run_finished``;
 (b) a detached run loses its whole provider; the other provider adopts the record within 60 s
     and finishes it with the reply - one published while nobody waited for it, or one that comes
-    after the adoption - without publishing the run again;
+    after the adoption - without publishing the run again; a provider stopped with SIGTERM
+    hands its record over instead of waiting for it;
 (c) a run whose reply never comes finishes at its deadline with the 503 answer,
     ``container_run_failed`` ``reason: unavailable``, and its account slot free - with its
     publisher alive (foreground and detached) or killed; and a run that any process reads as
@@ -22,6 +23,7 @@ Every wait is a bounded poll for the fact itself.
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -93,14 +95,14 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture
 def providers(events_server, responder, redis_server):
-    """start(*flags): two providers on one Events API and one Redis, each ready; logs printed at teardown."""
+    """start(*flags, **variables): two providers on one Events API and one Redis, each ready; logs at teardown."""
     started = []
 
     with contextlib.ExitStack() as stack:
-        def start(*extra):
-            env = processes.provider_env(**events_env(
-                events_server, BUS_EVENTS_LISTENER_REQUIRED="1", BUS_CONTAINERS_MAX_RUN_TIMEOUT="600s",
-                BUS_CONTAINERS_SHUTDOWN_GRACE="10s"))
+        def start(*extra, **variables):
+            env = processes.provider_env(**events_env(events_server, **{
+                "BUS_EVENTS_LISTENER_REQUIRED": "1", "BUS_CONTAINERS_MAX_RUN_TIMEOUT": "600s",
+                "BUS_CONTAINERS_SHUTDOWN_GRACE": "10s", **variables}))
             flags = ("--backend", "events", "--events-url", events_server.url, "--usage-backend", "events",
                      "--state-url", redis_server.url, "--workers", "1", *extra)
             for _ in range(2):
@@ -227,6 +229,11 @@ def test_a_retry_after_its_worker_died_answers_the_first_run_and_nothing_runs_tw
         item = response.json()
         assert item["state"] == "finished" and item["result"] == result, item
 
+    # Retried once more, now that it finished: the same answer again, remembered (§7).
+    again = requests.post(first.url + RUNS, json=body, headers=headers, timeout=30)
+    assert again.status_code == 200 and again.json() == result, again.text
+    assert again.headers.get("Idempotent-Replayed") == "true", again.headers
+
     wait_for(lambda: usage(responder, FINISHED, run_id), 30, "container_run_finished recorded")
     processes.stop(first)
     processes.stop(second)
@@ -270,6 +277,36 @@ def test_b_a_detached_run_whose_provider_died_is_adopted_and_finished_by_the_oth
     assert result["run_id"] == run_id and result["owner_account_id"] == account, result
     assert (result["stdout"], result["exit_code"], result["status"]) == (f"echo {nonce}", 0, "succeeded"), result
     assert result["stdout_truncated"] is False and result["stderr_truncated"] is False, result
+
+    wait_for(lambda: usage(responder, FINISHED, run_id), 30, "container_run_finished recorded")
+    processes.stop(second)
+    assert_one_run(events_server, nonce, run_id)
+    assert_recorded_once(responder, FINISHED, run_id)
+
+
+def test_b_a_detached_run_whose_provider_stops_with_sigterm_is_handed_over_not_waited_for(
+        providers, events_server, responder):
+    # A shutdown grace far longer than the provider may take to stop: waiting out the run would show.
+    first, second = providers(BUS_CONTAINERS_SHUTDOWN_GRACE="90s")
+    account, nonce = "acct-adopt-b-sigterm", uuid.uuid4().hex
+    hold = f"t-{nonce[:12]}"
+    body = {"profile": f"hold:{hold}", "args": ["echo", nonce], "timeout_seconds": HELD_RUN_TIMEOUT}
+
+    run_id = submit_detached(first, body, account)
+    wait_for(lambda: responder.held(hold) == 1, 15, "the run request at the worker, its reply held")
+    os.killpg(first.pid, signal.SIGTERM)
+    stopped_at = time.monotonic()
+    # With a shared store the record is left for another process (§9): the provider does not wait for it.
+    try:
+        first.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the provider waited for its detached run instead of leaving it") from None
+    assert first.returncode == 0, first.returncode
+
+    assert responder.release(hold) == 1
+    item = finished(second, run_id, account, within=stopped_at + ADOPTION + SLACK - time.monotonic())
+    result = item["result"]
+    assert result["run_id"] == run_id and result["stdout"] == f"echo {nonce}", item
 
     wait_for(lambda: usage(responder, FINISHED, run_id), 30, "container_run_finished recorded")
     processes.stop(second)
