@@ -3,8 +3,9 @@ import base64
 import binascii
 import dataclasses
 import os
-import re
 from typing import Mapping, Optional
+
+from .values import parse_bool, parse_duration
 
 PUBLIC_AUDIENCE = "ai.hg.fi/api"
 INTERNAL_AUDIENCE = "ai.hg.fi/internal"
@@ -22,20 +23,9 @@ DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
 STATE_SCHEMES = ("redis://", "rediss://")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
-
 
 class ConfigError(ValueError):
     """A setting is missing or has a value the provider cannot run with."""
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in `1500ms`, `30s`, `5m`, `1h`, or a bare number of seconds."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a duration (use 1500ms, 30s, 5m, 1h or seconds)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def decode_secret(value: str) -> bytes:
@@ -202,8 +192,8 @@ ENVIRONMENT = {
     "BUS_CONTAINERS_WORKERS": ("workers", int),
     "BUS_CONTAINERS_THREADS": ("threads", int),
     "BUS_API_TOKEN": ("api_token", str),
-    "BUS_EVENTS_LISTENER_REQUIRED": ("listener_required", lambda v: v.strip() == "1"),
-    "BUS_EVENTS_LISTENER_RETRY": ("listener_retry", lambda v: v.strip() == "1"),
+    "BUS_EVENTS_LISTENER_REQUIRED": ("listener_required", parse_bool),
+    "BUS_EVENTS_LISTENER_RETRY": ("listener_retry", parse_bool),
     "BUS_EVENTS_LISTENER_RETRY_MIN": ("listener_retry_min", parse_duration),
     "BUS_EVENTS_LISTENER_RETRY_MAX": ("listener_retry_max", parse_duration),
     "BUS_EVENTS_LISTENER_DOWN_GRACE": ("listener_down_grace", parse_duration),
@@ -240,7 +230,8 @@ def load_settings(env: Optional[Mapping[str, str]] = None, **overrides) -> Setti
     values = {}
     for variable, (field, parse) in ENVIRONMENT.items():
         raw = env.get(variable)
-        if raw is None or raw == "":
+        # Empty is unset for text; a duration, switch or number left empty is refused like any bad value.
+        if raw is None or (raw == "" and parse is str):
             continue
         try:
             values[field] = parse(raw)
