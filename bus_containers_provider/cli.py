@@ -23,6 +23,8 @@ environment:
                                   32 bytes; 'base64:XYZ' is decoded. Fallback: BUS_API_JWT_SECRET
   BUS_API_TOKEN                   the provider's bearer token for the Events API (needed by
                                   any events backend; never pass it as a flag)
+  BUS_EVENTS_TOKEN_FILE           a file holding that token, which wins over BUS_API_TOKEN; read
+                                  again when it changes or the Events API answers 401 or 403
   BUS_EVENTS_LISTENER_REQUIRED    BOOLEAN: readiness waits for every reply listener (default off)
   BUS_EVENTS_LISTENER_RETRY       BOOLEAN: reconnect reply listeners with exponential backoff
                                   (default off) between

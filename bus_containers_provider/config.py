@@ -5,6 +5,7 @@ import dataclasses
 import os
 from typing import Mapping, Optional
 
+from .credentials import TokenFileError, read_token_file
 from .values import parse_bool, parse_duration
 
 PUBLIC_AUDIENCE = "ai.hg.fi/api"
@@ -54,6 +55,8 @@ class Settings:
     workers: Optional[int] = None
     threads: int = 32
     api_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    # A file holding the Events token instead; it wins over api_token (credentials.py reads it).
+    events_token_file: Optional[str] = None
     listener_required: bool = False
     listener_retry: bool = False
     listener_retry_min: float = 1.0
@@ -117,8 +120,13 @@ class Settings:
             raise ConfigError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes (RFC 8725 §3.5)")
         if self.uses_events and not self.events_url:
             raise ConfigError("an events backend needs --events-url (or BUS_EVENTS_API_URL)")
-        if self.uses_events and not self.api_token:
-            raise ConfigError("an events backend needs BUS_API_TOKEN in the environment")
+        if self.uses_events and self.events_token_file:
+            try:
+                read_token_file(self.events_token_file)
+            except TokenFileError as exc:
+                raise ConfigError(f"BUS_EVENTS_TOKEN_FILE: {exc}") from None
+        elif self.uses_events and not self.api_token:
+            raise ConfigError("an events backend needs BUS_API_TOKEN (or BUS_EVENTS_TOKEN_FILE) in the environment")
         for flag, value in (("--workers", self.workers), ("--threads", self.threads),
                             ("--max-output-bytes", self.max_output_bytes)):
             if value is not None and value < 1:
@@ -192,6 +200,7 @@ ENVIRONMENT = {
     "BUS_CONTAINERS_WORKERS": ("workers", int),
     "BUS_CONTAINERS_THREADS": ("threads", int),
     "BUS_API_TOKEN": ("api_token", str),
+    "BUS_EVENTS_TOKEN_FILE": ("events_token_file", str),
     "BUS_EVENTS_LISTENER_REQUIRED": ("listener_required", parse_bool),
     "BUS_EVENTS_LISTENER_RETRY": ("listener_retry", parse_bool),
     "BUS_EVENTS_LISTENER_RETRY_MIN": ("listener_retry_min", parse_duration),
