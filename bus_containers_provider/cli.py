@@ -29,7 +29,7 @@ environment:
   BUS_EVENTS_LISTENER_RETRY       BOOLEAN: reconnect reply listeners with exponential backoff
                                   (default off) between
   BUS_EVENTS_LISTENER_RETRY_MIN   (default 1s) and
-  BUS_EVENTS_LISTENER_RETRY_MAX   (default 30s)
+  BUS_EVENTS_LISTENER_RETRY_MAX   (default 30s); a stream refused with 401 or 403 waits the most
   BUS_EVENTS_LISTENER_DOWN_GRACE  how long waiting requests survive a dropped reply stream
                                   before failing 503 (default 3s)
   BUS_CONTAINERS_SHUTDOWN_GRACE   on SIGTERM, how long in-flight runs may finish (default 60s)

@@ -1,5 +1,6 @@
 """CONTRACT §1 BUS_EVENTS_TOKEN_FILE and §5 refused streams: the provider's Events token read from a file,
-read again when it changes or is refused, and a refused stream retried at the longest backoff.
+read again when it changes or is refused; a revoked token's streams back once the file is rewritten.
+The listener's own backoff after a refusal is pinned in tests/test_listener.py.
 
 Against the real Events API on 127.0.0.1 (tests/eventsapi), which is told to accept only a new token
 the way a rotation revokes the old one.
@@ -10,7 +11,7 @@ import os
 import pytest
 import requests
 
-from conftest import EVENTS_TOKEN, WORKER_TOKEN, bearer, connected, env, events_env
+from conftest import EVENTS_TOKEN, WORKER_TOKEN, assert_error, bearer, connected, env, events_env
 from inflight import wait_until
 from processes import console_script, provider_env
 
@@ -239,6 +240,28 @@ def test_a_token_rotated_in_the_file_is_used_for_the_next_run_without_a_restart(
     assert response.status_code == 200, response.get_data(as_text=True)
     assert [e["publisher_token"] for e in events_server.published("bus.containers.run.request")] == [
         EVENTS_TOKEN, NEW_TOKEN]
+    for token in (EVENTS_TOKEN, NEW_TOKEN, VARIABLE_TOKEN):
+        assert token not in caplog.text
+
+
+def test_streams_refused_after_a_revocation_name_themselves_and_reopen_once_the_file_is_rewritten(
+        provider, events_server, token_file, caplog):
+    client = provider.test_client()
+    events_server.accept_tokens({NEW_TOKEN: None, WORKER_TOKEN: None})
+    events_server.drop_streams("bus.containers.run.response")
+    wait_until(lambda: any(status == 401 for _, status in events_server.stream_answers("bus.containers.run.response")),
+               timeout=10, what="the run reply stream refused")
+    wait_until(lambda: "refused the provider's token for bus.containers.run.response (HTTP 401)" in caplog.text,
+               timeout=5, what="the refusal logged")
+    ready = client.get("/readyz")
+    assert_error(ready, 503, "unavailable")
+    assert ready.get_json()["error"]["message"] == "reply listeners not connected: bus.containers.run.response"
+    assert_error(client.post(RUNS, json=RUN_BODY, headers=bearer()), 503, "unavailable")
+
+    token_file.write_text(NEW_TOKEN + "\n")
+    connected(provider, timeout=10)  # the 30 s backoff ends when the file changes
+    assert client.get("/readyz").status_code == 200
+    assert client.post(RUNS, json=RUN_BODY, headers=bearer()).status_code == 200
     for token in (EVENTS_TOKEN, NEW_TOKEN, VARIABLE_TOKEN):
         assert token not in caplog.text
 
