@@ -1,4 +1,5 @@
 """The console script and gunicorn.conf.py: flags, start-up errors, and serving over real sockets."""
+import re
 import subprocess
 import sys
 
@@ -147,3 +148,42 @@ def test_importing_the_package_starts_no_thread():
             "bus_containers_provider.bus; print(threading.active_count())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "1", result.stderr
+
+
+def readme_configuration_rows():
+    """(flags, variables, default, whole row) of each row of the README's configuration table."""
+    section = (ROOT / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 4 and "BUS_" in cells[1]:
+            default = re.match(r"`([^`]+)`", cells[2])
+            rows.append((re.findall(r"--[a-z][a-z-]+", cells[0]), re.findall(r"BUS_[A-Z_]+", cells[1]),
+                         default and default[1], line))
+    return rows
+
+
+def help_options(text):
+    """--flag -> its help, joined over the lines argparse wrapped it onto."""
+    options = text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    blocks = re.split(r"\n(?=  -)", options)
+    return {re.findall(r"--[a-z][a-z-]+", block)[0]: " ".join(block.split()) for block in blocks}
+
+
+def test_readme_configuration_table_and_help_agree():
+    from bus_containers_provider.config import ENVIRONMENT, SECRET_VARIABLES
+
+    text = run_script("--help", COLUMNS="200").stdout
+    options = help_options(text)
+    rows = readme_configuration_rows()
+    flagged = {flags[0]: (variables, default) for flags, variables, default, _ in rows if flags}
+    assert set(flagged) == set(options) - {"--help"}
+    for flag, (variables, default) in flagged.items():
+        assert f"({variables[0]}," in options[flag] or f"({variables[0]})" in options[flag], flag
+        if default not in (None, "none"):
+            assert f"default {default}" in options[flag], (flag, default)
+    documented = {name for *_, row in rows for name in re.findall(r"BUS_[A-Z_]+", row)}
+    assert set(ENVIRONMENT) | set(SECRET_VARIABLES) <= documented
+    assert documented <= set(ENVIRONMENT) | set(SECRET_VARIABLES)
+    for name in documented:
+        assert name in text, name
