@@ -202,7 +202,15 @@ class RunRecords:
         live.reply = (reply, error)
         live.replied.set()
         if not live.attached:
-            self._completer().submit(self._complete, live)
+            self._completer().submit(self._complete_logged, live)
+
+    def _complete_logged(self, live: Live) -> None:
+        try:
+            self._complete(live)
+        except StateUnavailable as exc:
+            log.warning("run %s: %s; it is completed once the store answers", live.run_id, exc)  # pragma: no mutate
+        except Exception:  # a bug must not vanish into a future nobody reads
+            log.exception("completing run %s failed", live.run_id)  # pragma: no mutate
 
     def _completer(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -370,7 +378,7 @@ class RunRecords:
     # -- the keeper: leases, deadlines, adoption -----------------------------------
 
     def start(self) -> None:
-        """Renew, expire and adopt in the background; in a worker, after fork."""
+        """Renew every lease, expire and adopt in the background; in a worker, after fork."""
         if self._thread is not None:
             return
         self._stopping.clear()
@@ -459,6 +467,11 @@ class RunRecords:
             self._settled(live, live.answer if finished is not None else None, usage_type, usage_data)
 
     def _renew(self) -> None:
+        """Extend every lease this process holds: its slots and keys, then its records."""
+        try:
+            self._controls.renew()
+        except StateUnavailable as exc:
+            log.warning("could not renew run leases: %s", exc)  # pragma: no mutate
         with self._lock:
             held = [run_id for run_id, live in self._live.items() if not live.finishing]
         lost = self.store.hold_runs(held, LEASE_SECONDS) if held else []

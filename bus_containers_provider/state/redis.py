@@ -73,6 +73,20 @@ local function lease(set, id, ms) redis.call('ZADD', set, now + ms, id) end
 local function hold(set, id, ms) return redis.call('ZADD', set, 'XX', 'CH', now + ms, id) end
 local function due(set, limit) return redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit) end
 local function sweep(set) redis.call('ZREMRANGEBYSCORE', set, '-inf', now) end
+-- Take `ids` (their leases passed) for `ms`: what `fetch` finds is leased anew and returned, the rest let go.
+local function take(set, ids, ms, fetch)
+  local taken = {}
+  for _, id in ipairs(ids) do
+    local record = fetch(id)
+    if record then
+      lease(set, id, ms)
+      table.insert(taken, record)
+    else
+      redis.call('ZREM', set, id)
+    end
+  end
+  return taken
+end
 """
 
 # The slot set lives as long as its longest lease, so an idle account leaves nothing behind.
@@ -141,17 +155,8 @@ return 0
 
 # KEYS[1] hash, KEYS[2] leases; ARGV[1] limit, ARGV[2] lease ms. The records taken, as JSON.
 OUTBOX_TAKE = _LEASES + """
-local taken = {}
-for _, event_id in ipairs(due(KEYS[2], tonumber(ARGV[1]))) do
-  local record = redis.call('HGET', KEYS[1], event_id)
-  if record then
-    lease(KEYS[2], event_id, tonumber(ARGV[2]))
-    table.insert(taken, record)
-  else
-    redis.call('ZREM', KEYS[2], event_id)
-  end
-end
-return taken
+return take(KEYS[2], due(KEYS[2], tonumber(ARGV[1])), tonumber(ARGV[2]),
+            function(event_id) return redis.call('HGET', KEYS[1], event_id) end)
 """
 
 # KEYS[1] hash, KEYS[2] leases; ARGV[1] event_id.
@@ -213,17 +218,11 @@ if ARGV[4] ~= '' then
 else
   ids = due(KEYS[1], tonumber(ARGV[1]))
 end
-local taken = {{}}
-for _, id in ipairs(ids) do
+return take(KEYS[1], ids, tonumber(ARGV[2]), function(id)
   local record = redis.call('GET', ARGV[3] .. id)
-  if record and string.sub(record, 1, {len(RUNNING_HEAD)}) == '{RUNNING_HEAD}' then
-    lease(KEYS[1], id, tonumber(ARGV[2]))
-    table.insert(taken, record)
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-return taken
+  if record and string.sub(record, 1, {len(RUNNING_HEAD)}) == '{RUNNING_HEAD}' then return record end
+  return false
+end)
 """
 
 
