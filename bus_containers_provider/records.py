@@ -284,6 +284,9 @@ class RunRecords:
             live.finishing = True
         record = live.record
         self.backend.release(live.handle)
+        # The run is over: its slot goes before anyone can read it as finished, so a caller told so
+        # (here or by another process) may start the next run at once.
+        self._controls.release_slot(record["owner_account_id"], record["run_id"])
         try:
             finished = self._store_answer(live, answer, forget, drop_key)
         except StateUnavailable:
@@ -305,8 +308,6 @@ class RunRecords:
     def _settled(self, live: Live, answer: Optional[Answer], usage_type: str, usage_data: dict) -> None:
         record = live.record
         if answer is not None:
-            # The slot first: a caller told its run ended may start the next one at once.
-            self._controls.release_slot(record["owner_account_id"], record["run_id"])
             self._record_usage(usage_type, record, usage_data)
             self._uncount(live, answer.body.get("status") if answer.status == 200 else ERROR)
         else:
@@ -484,6 +485,7 @@ class RunRecords:
                 with self._lock:
                     live.finishing = True
                 self.backend.release(live.handle)
+                self._controls.release_slot(live.record["owner_account_id"], run_id)
                 self._settled(live, None, FAILED, {})
 
     def _adopt(self, run_id: Optional[str] = None) -> bool:
