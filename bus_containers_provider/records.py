@@ -296,9 +296,9 @@ class RunRecords:
             live.unstored = (usage_type, usage_data, forget, drop_key)
             live.done.set()
             return
-        self._settled(live, answer if finished is not None else None, usage_type, usage_data)
+        self._settled(live, answer if finished else None, usage_type, usage_data)
 
-    def _store_answer(self, live: Live, answer: Answer, forget: bool, drop_key: bool = False) -> Optional[dict]:
+    def _store_answer(self, live: Live, answer: Answer, forget: bool, drop_key: bool = False) -> bool:
         key = None if drop_key else live.record.get("key")
         # A deleted run is forgotten at once, unless a key still points at it.
         keep = 0 if forget and not key else self._keep(key)
@@ -465,7 +465,7 @@ class RunRecords:
             usage_type, usage_data, forget, drop_key = live.unstored
             finished = self._store_answer(live, live.answer, forget, drop_key)
             live.unstored = None
-            self._settled(live, live.answer if finished is not None else None, usage_type, usage_data)
+            self._settled(live, live.answer if finished else None, usage_type, usage_data)
 
     def _renew(self) -> None:
         """Extend every lease this process holds: its slots and keys, then its records."""

@@ -189,11 +189,11 @@ return 0
 
 # KEYS[1] record, KEYS[2] leases, KEYS[3] account index;
 # ARGV[1] run_id, ARGV[2] answer JSON, ARGV[3] keep ms (0: not kept), ARGV[4] "1" to forget.
-# The finished record when this call finished it, else nil: one completion per run.
+# 1 when this call finished it, else 0: one completion per run.
 FINISH_RUN = f"""
 local current = redis.call('GET', KEYS[1])
 if not current or string.sub(current, 1, {len(RUNNING_HEAD)}) ~= '{RUNNING_HEAD}' then
-  return false
+  return 0
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 local forget = ''
@@ -206,7 +206,7 @@ if tonumber(ARGV[3]) > 0 then
 else
   redis.call('DEL', KEYS[1])
 end
-return finished
+return 1
 """
 
 # KEYS[1] leases; ARGV[1] limit, ARGV[2] lease ms, ARGV[3] record key prefix, ARGV[4] one run_id or "".
@@ -385,9 +385,8 @@ class RedisStore:
 
     def finish_run(self, run_id, account, answer, keep, forget=False):
         with _reachable():
-            value = self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account)],
-                                     args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0"])
-            return None if value is None else json.loads(value)
+            return self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account)],
+                                    args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0"]) == 1
 
     def drop_run(self, run_id):
         with _reachable():
