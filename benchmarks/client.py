@@ -4,7 +4,7 @@ import json
 import time
 import uuid
 
-from .events import RUN, RUN_REPLY, STREAM, Publisher
+from .events import RUN, RUN_REPLY, Publisher, open_stream, read_events
 
 RUNS = "/api/v1/containers/runs"
 
@@ -59,21 +59,18 @@ def post_runs(url: str, token: str, count: int, profile: str = "sleep:5", timeou
 
 async def _direct(port: int, token: str, count: int, profile: str, timeout: float):
     """Publish `count` run requests straight to the Events API and wait for every reply."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write((f"GET {STREAM}?name={RUN_REPLY}&delivery=broadcast HTTP/1.1\r\nHost: bench\r\n"
-                  f"Authorization: Bearer {token}\r\n\r\n").encode())
-    await reader.readuntil(b"\r\n\r\n")
+    reader = await open_stream(port, token, RUN_REPLY)
     loop = asyncio.get_running_loop()
     waiting = {str(uuid.uuid4()): loop.create_future() for _ in range(count)}
     pending = dict(waiting)
 
     async def listen():
-        while pending:
-            size = int((await reader.readline()).strip(), 16)
-            envelope = json.loads(await reader.readexactly(size + 2))
+        async for envelope in read_events(reader):
             future = pending.pop(envelope["correlationId"], None)
             if future is not None:
                 future.set_result(envelope)
+            if not pending:
+                return
 
     publisher = Publisher(port, token, 32)
 
@@ -87,7 +84,7 @@ async def _direct(port: int, token: str, count: int, profile: str, timeout: floa
     await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout)
     elapsed = time.monotonic() - started
     listener.cancel()
-    writer.close()
+    reader.writer.close()
     return elapsed
 
 
