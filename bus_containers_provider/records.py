@@ -287,28 +287,34 @@ class RunRecords:
         # The run is over: its slot goes before anyone can read it as finished, so a caller told so
         # (here or by another process) may start the next run at once.
         self._controls.release_slot(record["owner_account_id"], record["run_id"])
+        usage = usage_event(usage_type, run_of(record), usage_data) if self._usage.keeps_records else None
         try:
-            finished = self._store_answer(live, answer, forget, drop_key)
+            finished = self._store_answer(live, answer, usage, forget, drop_key)
         except StateUnavailable:
             # The caller still gets the answer; the keeper stores it once the store is back.
             log.warning("could not store the answer of run %s yet; trying again", record["run_id"])  # pragma: no mutate
             live.answer = answer
-            live.unstored = (usage_type, usage_data, forget, drop_key)
+            live.unstored = (usage, forget, drop_key)
             live.done.set()
             return
-        self._settled(live, answer if finished else None, usage_type, usage_data)
+        self._settled(live, answer if finished else None, usage)
 
-    def _store_answer(self, live: Live, answer: Answer, forget: bool, drop_key: bool = False) -> bool:
+    def _store_answer(self, live: Live, answer: Answer, usage: Optional[dict], forget: bool,
+                      drop_key: bool = False) -> bool:
         key = None if drop_key else live.record.get("key")
         # A deleted run is forgotten at once, unless a key still points at it.
         keep = 0 if forget and not key else self._keep(key)
+        # With an outbox, the usage record is kept in the same step that finishes the run: a process
+        # that dies right after cannot leave a finished run unbilled (another process sends it).
+        outbox = (usage, self._usage.outbox_lease) if usage is not None and self._usage.outbox_lease else None
         return self.store.finish_run(live.run_id, live.record["owner_account_id"], answer.stored(), keep,
-                                     forget=forget)
+                                     forget=forget, outbox=outbox)
 
-    def _settled(self, live: Live, answer: Optional[Answer], usage_type: str, usage_data: dict) -> None:
+    def _settled(self, live: Live, answer: Optional[Answer], usage: Optional[dict]) -> None:
         record = live.record
         if answer is not None:
-            self._record_usage(usage_type, record, usage_data)
+            if usage is not None:
+                self._usage.record_kept(usage) if self._usage.outbox_lease else self._usage.record_later(usage)
             self._uncount(live, answer.body.get("status") if answer.status == 200 else ERROR)
         else:
             # Another process completed it first: everyone here gets that answer (a record gone
@@ -327,10 +333,6 @@ class RunRecords:
         if finished is None or finished.get("answer") is None:
             return None
         return Answer.of(finished["answer"])
-
-    def _record_usage(self, usage_type: str, record: dict, data: dict) -> None:
-        if self._usage.keeps_records:
-            self._usage.record_later(usage_event(usage_type, run_of(record), data))
 
     # -- reading and waiting ---------------------------------------------------
 
@@ -462,10 +464,10 @@ class RunRecords:
         with self._lock:
             unstored = [live for live in self._live.values() if live.unstored]
         for live in unstored:
-            usage_type, usage_data, forget, drop_key = live.unstored
-            finished = self._store_answer(live, live.answer, forget, drop_key)
+            usage, forget, drop_key = live.unstored
+            finished = self._store_answer(live, live.answer, usage, forget, drop_key)
             live.unstored = None
-            self._settled(live, live.answer if finished else None, usage_type, usage_data)
+            self._settled(live, live.answer if finished else None, usage)
 
     def _renew(self) -> None:
         """Extend every lease this process holds: its slots and keys, then its records."""
@@ -486,7 +488,7 @@ class RunRecords:
                     live.finishing = True
                 self.backend.release(live.handle)
                 self._controls.release_slot(live.record["owner_account_id"], run_id)
-                self._settled(live, None, FAILED, {})
+                self._settled(live, None, None)
 
     def _adopt(self, run_id: Optional[str] = None) -> bool:
         """Take over running records whose holder went silent (or just `run_id`'s); True if any was taken."""

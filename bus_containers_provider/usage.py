@@ -33,12 +33,19 @@ class NoUsage:
     reply_names = ()
     # False: the run flow builds no records for this backend at all.
     keeps_records = False
+    # With a lease: records are kept in the shared store's outbox, and a finishing run puts its own
+    # there in the same step (record_kept then sends it).
+    outbox_lease = None
 
     def record(self, event: dict) -> None:
         """Record now, or raise: the run must not start without it."""
 
     def record_later(self, event: dict) -> None:
         """Record without holding up the caller; failures are retried and logged, never raised."""
+
+    def record_kept(self, event: dict) -> None:
+        """record_later for a record already put in the outbox (held by this process)."""
+        self.record_later(event)
 
     def start(self) -> None:
         """Start background work (in a worker, after fork)."""
@@ -113,6 +120,7 @@ class EventsUsage(NoUsage):
         self._flush_by = None  # monotonic deadline once stop() began
         self._threads = []
         self._outbox = outbox
+        self.outbox_lease = self.OUTBOX_LEASE if outbox is not None else None
         self._kept = set()  # event_ids the outbox holds for us
         self._keeper_stop = threading.Event()
 
@@ -124,6 +132,11 @@ class EventsUsage(NoUsage):
 
     def record_later(self, event: dict) -> None:
         self._keep(event)
+        self._schedule(event, attempt=1, delay=0.0)
+
+    def record_kept(self, event: dict) -> None:
+        with self._wake:
+            self._kept.add(event["event_id"])
         self._schedule(event, attempt=1, delay=0.0)
 
     def _keep(self, event: dict) -> None:

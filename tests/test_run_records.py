@@ -306,3 +306,23 @@ def test_a_wait_without_run_capacity_is_answered_at_once_never_refused():
     provider.controls.capacity.in_use = 0
     waited = client.get(f"/api/v1/containers/runs/{live.run_id}", headers=dict(bearer("acct-a"), Prefer="wait=1"))
     assert waited.headers["Preference-Applied"] == "wait=1" and waited.get_json()["state"] == "running"
+
+
+class OutboxUsage(MemoryUsage):
+    """A usage backend that keeps records in the shared outbox; this process dies before sending any."""
+
+    outbox_lease = 0.001
+
+    def record_kept(self, event):
+        return None  # killed here: nothing sent from this process
+
+
+def test_a_finished_runs_usage_record_outlives_the_process_that_finished_it():
+    here = Process(MemoryStore())
+    here.usage = here.records._usage = OutboxUsage()
+    here.open()
+    [(_, correlation_id)] = here.backend.started
+    here.backend.reply(correlation_id)
+    wait_until(lambda: finished(here.store), what="the record finished")
+    taken = wait_until(lambda: here.store.outbox_take(10, 60), what="the usage record taken from the outbox")
+    assert [(e["event_type"], e["data"]["run_id"]) for e in taken] == [("container_run_finished", "run_1")]

@@ -266,6 +266,20 @@ def test_finishing_keeps_the_answer_exactly_and_happens_once(store):
     assert store.finish_run("run_9", "acct-a", ANSWER, 600) is False
 
 
+def test_the_usage_record_of_a_finishing_run_is_kept_in_the_same_step(store):
+    store.put_run(record(), 60, 600)
+    event = {"event_id": "run_1:container_run_finished", "data": {"run_id": "run_1"}}
+    assert store.finish_run("run_1", "acct-a", ANSWER, 600, outbox=(event, LEASE)) is True
+    # Held by the finisher for its lease; if it died now, the next process to ask takes it and sends it.
+    assert store.outbox_take(10, 60) == []
+    assert eventually(lambda: store.outbox_take(10, 60)) == [event]
+    # A run already finished keeps nothing more.
+    store.outbox_done(event["event_id"])
+    assert store.finish_run("run_1", "acct-a", ANSWER, 600, outbox=(event, 0.001)) is False
+    time.sleep(0.01)
+    assert store.outbox_take(10, 60) == []
+
+
 def test_racing_finishes_make_exactly_one_completion(store):
     store.put_run(record(), 60, 600)
     results = race(16, lambda i: store.finish_run("run_1", "acct-a", dict(ANSWER, status=200 + i), 600))

@@ -78,12 +78,14 @@ class StateStore(Protocol):
     def list_runs(self, account: str, limit: int) -> List[dict]:
         """`account`'s records, the `limit` newest, newest first."""
 
-    def finish_run(self, run_id: str, account: str, answer: dict, keep: float,
-                   forget: bool = False) -> bool:
+    def finish_run(self, run_id: str, account: str, answer: dict, keep: float, forget: bool = False,
+                   outbox: Optional[Tuple[dict, float]] = None) -> bool:
         """Finish `account`'s running record with `answer`, kept `keep` seconds (0: not at all) and unleased.
 
         True when this very call finished it, False when it was finished
-        already or is gone: exactly one caller completes a run.
+        already or is gone: exactly one caller completes a run. With `outbox`
+        (a usage record, a lease) the record is put in the usage outbox in the
+        same step, only when this call finished the run.
         `forget` hides it from reads and lists (a deleted run) while it is kept.
         """
 

@@ -217,7 +217,7 @@ class MemoryStore:
         mine = [r for r in records if r is not None and r["owner_account_id"] == account and not r.get("forgotten")]
         return sorted(mine, key=lambda r: r["created"], reverse=True)[:limit]
 
-    def finish_run(self, run_id, account, answer, keep, forget=False):
+    def finish_run(self, run_id, account, answer, keep, forget=False, outbox=None):
         with self._lock:
             now = self._clock()
             record = self._live_run(run_id, now)
@@ -228,6 +228,10 @@ class MemoryStore:
             del self._runs[run_id]
             if keep > 0:
                 self._runs[run_id] = (json.dumps(record), now + keep)  # last: the dict stays oldest first
+            if outbox is not None:
+                event, lease = outbox
+                self._outbox[event["event_id"]] = json.dumps(event)
+                self._outbox_leases.grant(event["event_id"], now + lease)
             return True
 
     def drop_run(self, run_id):

@@ -187,10 +187,11 @@ if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KE
 return 0
 """
 
-# KEYS[1] record, KEYS[2] leases, KEYS[3] account index;
-# ARGV[1] run_id, ARGV[2] answer JSON, ARGV[3] keep ms (0: not kept), ARGV[4] "1" to forget.
-# 1 when this call finished it, else 0: one completion per run.
-FINISH_RUN = f"""
+# KEYS[1] record, KEYS[2] leases, KEYS[3] account index, KEYS[4] and KEYS[5] the usage outbox;
+# ARGV[1] run_id, ARGV[2] answer JSON, ARGV[3] keep ms (0: not kept), ARGV[4] "1" to forget,
+# ARGV[5] a usage record's event_id ("" for none), ARGV[6] its JSON, ARGV[7] its lease ms.
+# 1 when this call finished it, else 0: one completion per run, and its usage record kept with it.
+FINISH_RUN = _LEASES + f"""
 local current = redis.call('GET', KEYS[1])
 if not current or string.sub(current, 1, {len(RUNNING_HEAD)}) ~= '{RUNNING_HEAD}' then
   return 0
@@ -205,6 +206,10 @@ if tonumber(ARGV[3]) > 0 then
   if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
 else
   redis.call('DEL', KEYS[1])
+end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
+  lease(KEYS[5], ARGV[5], tonumber(ARGV[7]))
 end
 return 1
 """
@@ -383,10 +388,13 @@ class RedisStore:
             records = [json.loads(value) for value in values if value is not None]
         return [record for record in records if not record.get("forgotten")][:limit]
 
-    def finish_run(self, run_id, account, answer, keep, forget=False):
+    def finish_run(self, run_id, account, answer, keep, forget=False, outbox=None):
+        event, lease = outbox if outbox is not None else ({"event_id": ""}, 0)
+        usage = [event["event_id"], _json(event) if outbox is not None else "", _ms(lease)]
         with _reachable():
-            return self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account)],
-                                    args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0"]) == 1
+            return self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account), *OUTBOX],
+                                    args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0",
+                                          *usage]) == 1
 
     def drop_run(self, run_id):
         with _reachable():
