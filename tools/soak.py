@@ -71,8 +71,11 @@ USAGE_SETTLE = 60.0
 RETRY_AFTER_CAP = 3.0  # a poller honours Retry-After up to this, so a long hint cannot eat its deadline
 LONGEST_WAIT = 15  # the largest `Prefer: wait=N` a client asks; under the provider's default --max-wait
 RUN_TIMEOUT = 20  # the runs' timeout_seconds; with the provider's 15 s grace, a run waits at most 35 s
-FOREGROUND_HTTP_TIMEOUT = 60.0  # over the 35 s run wait: a foreground answer that takes longer is a fault
-SHORT_HTTP_TIMEOUT = 15.0  # anything that must answer at once: a detached submission, a read without wait
+# A submission may wait for its container_run_requested record (--request-timeout, 30 s) before it
+# publishes; a foreground run then waits its 35 s. Past these bounds an answer counts as a client timeout.
+FOREGROUND_HTTP_TIMEOUT = 90.0
+SUBMIT_HTTP_TIMEOUT = 45.0
+READ_HTTP_TIMEOUT = 15.0  # a read is answered from the record, with nothing to wait for but a Prefer: wait
 
 
 class Provider:
@@ -306,7 +309,7 @@ class Client:
         prefer = "respond-async" + (f", wait={submit_wait}" if submit_wait else "")
         how = "wait" if random.random() < 0.5 else "poll"
         while run.run_id is None and time.monotonic() < self.deadline_of(run):
-            response = self.call(run, "POST detached", "POST", RUNS, SHORT_HTTP_TIMEOUT + (submit_wait or 0),
+            response = self.call(run, "POST detached", "POST", RUNS, SUBMIT_HTTP_TIMEOUT + (submit_wait or 0),
                                  asked_wait=submit_wait, json=run.body, headers=run.headers(Prefer=prefer))
             if response is None:
                 continue
@@ -329,10 +332,10 @@ class Client:
         while run.run_id and time.monotonic() < self.deadline_of(run):
             if how == "wait":
                 wait = random.randint(2, LONGEST_WAIT)
-                response = self.call(run, "GET wait", "GET", f"{RUNS}/{run.run_id}", wait + SHORT_HTTP_TIMEOUT,
+                response = self.call(run, "GET wait", "GET", f"{RUNS}/{run.run_id}", wait + READ_HTTP_TIMEOUT,
                                      asked_wait=wait, headers=dict(headers, Prefer=f"wait={wait}"))
             else:
-                response = self.call(run, "GET poll", "GET", f"{RUNS}/{run.run_id}", SHORT_HTTP_TIMEOUT,
+                response = self.call(run, "GET poll", "GET", f"{RUNS}/{run.run_id}", READ_HTTP_TIMEOUT,
                                      headers=headers)
             if response is None:
                 continue
