@@ -30,6 +30,8 @@ flight then get up to RUN_DEADLINE to finish, usage records up to USAGE_SETTLE
 to arrive. Logs go to SOAK_LOG_DIR (default /tmp/bus-containers-soak):
 provider-1.log, provider-2.log, and soak-runs.jsonl (every logical run with
 every attempt), soak-faults.log, soak-evidence.txt (each missed target's runs).
+SOAK_APPENDONLY=no runs Redis without its append-only file, to show what a
+store without persistence loses on a restart.
 """
 import collections
 import concurrent.futures
@@ -383,7 +385,7 @@ class Chaos:
         return [
             ("Events API restart", "Events API down 5 s (history kept)", self._events_down),
             ("worker SIGKILL", f"SIGKILL a worker of provider {one.number}", one.kill_a_worker),
-            ("Redis restart", "Redis (append-only file) restarted, down 2 s", lambda: self.store.restart(down=2)),
+            ("Redis restart", "Redis restarted, down 2 s", lambda: self.store.restart(down=2)),
             ("provider SIGTERM", f"provider {two.number}: SIGTERM, drain, restart", lambda: self._restart(two)),
             ("worker SIGKILL", f"SIGKILL a worker of provider {two.number}", two.kill_a_worker),
             ("provider SIGKILL", f"provider {one.number}: SIGKILL to the process group, restart",
@@ -430,7 +432,8 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     events = EventsServer(tokens={EVENTS_TOKEN: None, WORKER_TOKEN: None}).start()
-    store = RedisServer(appendonly=True, appendfsync="always").start()
+    appendonly = os.environ.get("SOAK_APPENDONLY", "yes") != "no"
+    store = RedisServer(appendonly=appendonly, appendfsync="always").start()
     responder = Responder(events.url, WORKER_TOKEN).start()
     providers = [Provider(n, events.url, store.url, log_dir) for n in (1, 2)]
     answers = Answers(started)
@@ -469,7 +472,7 @@ def main() -> int:
         events.stop()
     rows, evidence = report(runs, answers, events, responder, chaos, harness_errors)
     write_logs(log_dir, runs, evidence)
-    print_table(rows, chaos, answers, time.monotonic() - started, log_dir, seconds)
+    print_table(rows, chaos, answers, time.monotonic() - started, log_dir, seconds, appendonly)
     return 0 if all(met for *_, met in rows) else 1
 
 
@@ -574,10 +577,10 @@ def write_logs(log_dir, runs, evidence):
                 out.write(json.dumps(item) + "\n")
 
 
-def print_table(rows, chaos, answers, elapsed, log_dir, seconds):
+def print_table(rows, chaos, answers, elapsed, log_dir, seconds, appendonly):
     print(f"\nsoak: {seconds:.0f} s of chaos, {elapsed:.0f} s in all; {FOREGROUND_CLIENTS} foreground and "
-          f"{DETACHED_CLIENTS} detached clients; 2 providers x 2 workers, one redis-server (appendonly, "
-          f"appendfsync always), the in-repo Events API")
+          f"{DETACHED_CLIENTS} detached clients; 2 providers x 2 workers, one redis-server "
+          f"({'appendonly, appendfsync always' if appendonly else 'WITHOUT persistence'}), the in-repo Events API")
     for line in chaos.log:
         print(f"  {line}")
     faults = ", ".join(f"{name}: {count}" for name, count in chaos.done.items())
