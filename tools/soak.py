@@ -471,6 +471,8 @@ def main() -> int:
         store.close()
         events.stop()
     rows, evidence = report(runs, answers, events, responder, chaos, harness_errors)
+    rows.insert(5, ("runs adopted by a process that did not publish them (provider logs)",
+                    sum(log_lines(provider.log_path, "adopting run") for provider in providers), "", True))
     write_logs(log_dir, runs, evidence)
     print_table(rows, chaos, answers, time.monotonic() - started, log_dir, seconds, appendonly)
     return 0 if all(met for *_, met in rows) else 1
@@ -564,6 +566,12 @@ def report(runs, answers, events, responder, chaos, harness_errors):
     if chaos.failed:
         evidence["faults not carried out"] = chaos.failed
     return rows, evidence
+
+
+def log_lines(path, text):
+    """How many lines of a provider's log name `text`: shows that a fault exercised what it was meant to."""
+    with open(path, errors="replace") as log:
+        return sum(text in line for line in log)
 
 
 def write_logs(log_dir, runs, evidence):
