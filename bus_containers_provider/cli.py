@@ -82,6 +82,10 @@ def _serve_parser() -> argparse.ArgumentParser:
         help="cap on each of stdout and stderr in a run result (BUS_CONTAINERS_MAX_OUTPUT_BYTES, default 1048576)")
     add("--idempotency-ttl", type=_Duration(), metavar="DURATION",
         help="how long an Idempotency-Key is remembered (BUS_CONTAINERS_IDEMPOTENCY_TTL, default 24h)")
+    add("--run-retention", type=_Duration(), metavar="DURATION",
+        help="how long a finished run record is kept (BUS_CONTAINERS_RUN_RETENTION, default 24h)")
+    add("--max-wait", type=_Duration(), metavar="DURATION",
+        help="the longest Prefer: wait granted (BUS_CONTAINERS_MAX_WAIT, default 30s)")
     add("--state-url", metavar="URL",
         help="shared store for run controls, redis:// or rediss:// (BUS_CONTAINERS_STATE_URL, default in-process)")
     add("--metrics-addr", metavar="HOST:PORT",

@@ -20,6 +20,9 @@ MIN_SECRET_BYTES = 32
 DEFAULT_MAX_RUNS_PER_ACCOUNT = 4
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
+# §9: finished run records, and the longest Prefer: wait.
+DEFAULT_RUN_RETENTION = 24 * 3600.0
+DEFAULT_MAX_WAIT = 30.0
 STATE_SCHEMES = ("redis://", "rediss://")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -78,6 +81,8 @@ class Settings:
     max_runs_per_account: int = DEFAULT_MAX_RUNS_PER_ACCOUNT
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
+    run_retention: float = DEFAULT_RUN_RETENTION
+    max_wait: float = DEFAULT_MAX_WAIT
     # A redis:// URL may carry a password: never in repr or logs.
     state_url: Optional[str] = dataclasses.field(default=None, repr=False)
     metrics_addr: Optional[str] = None
@@ -144,6 +149,7 @@ class Settings:
             ("BUS_EVENTS_LISTENER_DOWN_GRACE", self.listener_down_grace),
             ("BUS_EVENTS_LISTENER_IDLE_TIMEOUT", self.listener_idle_timeout),
             ("--idempotency-ttl", self.idempotency_ttl),
+            ("--run-retention", self.run_retention),
         ):
             if value <= 0:
                 raise ConfigError(f"{flag} must be greater than zero")
@@ -151,6 +157,8 @@ class Settings:
             raise ConfigError("BUS_EVENTS_LISTENER_RETRY_MAX must not be below BUS_EVENTS_LISTENER_RETRY_MIN")
         if self.shutdown_grace < 0:
             raise ConfigError("BUS_CONTAINERS_SHUTDOWN_GRACE must not be negative")
+        if self.max_wait < 0:
+            raise ConfigError("--max-wait must not be negative")
         if self.state_url is not None and not self.state_url.startswith(STATE_SCHEMES):
             raise ConfigError("--state-url (BUS_CONTAINERS_STATE_URL) must be a redis:// or rediss:// URL")
         _host_port(self.addr)
@@ -212,6 +220,8 @@ ENVIRONMENT = {
     "BUS_CONTAINERS_MAX_RUNS_PER_ACCOUNT": ("max_runs_per_account", int),
     "BUS_CONTAINERS_MAX_OUTPUT_BYTES": ("max_output_bytes", int),
     "BUS_CONTAINERS_IDEMPOTENCY_TTL": ("idempotency_ttl", parse_duration),
+    "BUS_CONTAINERS_RUN_RETENTION": ("run_retention", parse_duration),
+    "BUS_CONTAINERS_MAX_WAIT": ("max_wait", parse_duration),
     "BUS_CONTAINERS_STATE_URL": ("state_url", str),
     "BUS_CONTAINERS_METRICS_ADDR": ("metrics_addr", str),
     "BUS_CONTAINERS_RESERVED_THREADS": ("reserved_threads", int),

@@ -2,6 +2,8 @@
 
 What processes must agree on (keys, slots) lives in the state store; the
 run capacity is this worker's own, by design: it protects this worker's threads.
+A key points at its run's record (records.py) once the run is handed over;
+the record, not the key, keeps the answer.
 """
 import hashlib
 import json
@@ -16,7 +18,7 @@ from typing import Callable, Optional
 
 from . import metrics
 from .errors import BadRequest, Conflict, IdempotencyKeyReused, TooManyRuns, Unavailable
-from .state.base import DONE
+from .state.base import BOUND
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +115,35 @@ class Capacity:
     @contextmanager
     def hold(self, refusal: Optional[Exception] = None):
         """A run's place for the duration of the block; `refusal` (default a 503) when none is free."""
+        if not self._take():
+            metrics.rejected("capacity" if refusal is None else "conflict")
+            raise refusal or Unavailable("this worker's run capacity is taken; try again or another host",
+                                         retry_after=RETRY_CAPACITY)
+        try:
+            yield True
+        finally:
+            self._give()
+
+    @contextmanager
+    def hold_if_free(self):
+        """A place for a wait that may also be skipped: yields whether one was free."""
+        taken = self._take()
+        try:
+            yield taken
+        finally:
+            if taken:
+                self._give()
+
+    def _take(self) -> bool:
         with self._lock:
             if self.in_use >= self.size:
-                metrics.rejected("capacity" if refusal is None else "conflict")
-                raise refusal or Unavailable("this worker's run capacity is taken; try again or another host",
-                                             retry_after=RETRY_CAPACITY)
+                return False
             self.in_use += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.in_use -= 1
+            return True
+
+    def _give(self) -> None:
+        with self._lock:
+            self.in_use -= 1
 
 
 @dataclass(frozen=True)
@@ -132,8 +152,8 @@ class Key:
 
     scope: Optional[str] = None
     new: bool = False  # this request holds the key and runs
-    answer: Optional[dict] = None  # the first request's remembered answer
-    holder: Optional[str] = None  # run id of the first request, still in flight
+    holder: Optional[str] = None  # run id of the first request, its run not handed over yet
+    bound: Optional[str] = None  # run id of the first request, handed over: its record has the answer
 
 
 @dataclass
@@ -172,17 +192,17 @@ class RunControls:
         if record.new:
             self._hold(keys=(scope, run_id))
             return Key(scope, new=True)
-        if record.state == DONE:
-            return Key(scope, answer=record.answer)
+        if record.state == BOUND:
+            return Key(scope, bound=record.run_id)
         return Key(scope, holder=record.run_id)
 
     def join(self, key: Key, body_fingerprint: str, run_id: str, *, wait: float,
              gone: Callable[[], Optional[str]]) -> Key:
-        """Wait for the first request's answer; 409 when `wait` runs out or the caller leaves first.
+        """Wait until the first request hands its run over (or gives up); 409 when `wait` runs out first.
 
-        A record that disappears (the first answer was not to be remembered) is
-        claimed again, so the retry runs instead; if another request claimed it
-        first, that run is waited for in turn (never run a second time).
+        A record that disappears (the first was answered before its run was
+        handed over) is claimed again, so the retry runs instead; if another
+        request claimed it first, that one is waited for in turn.
         """
         deadline = time.monotonic() + wait
         delay = JOIN_POLL[0]
@@ -196,8 +216,8 @@ class RunControls:
             if record is None:
                 key = self._reclaim(key, body_fingerprint, run_id)
                 continue
-            if record.state == DONE:
-                return Key(key.scope, answer=record.answer)
+            if record.state == BOUND:
+                return Key(key.scope, bound=record.run_id)
         return key
 
     def _reclaim(self, key: Key, body_fingerprint: str, run_id: str) -> Key:
@@ -208,23 +228,23 @@ class RunControls:
         if record.fingerprint != body_fingerprint:
             metrics.rejected("idempotency_key_reused")
             raise IdempotencyKeyReused()
-        return Key(key.scope, answer=record.answer) if record.state == DONE else Key(key.scope, holder=record.run_id)
+        return Key(key.scope, bound=record.run_id) if record.state == BOUND else Key(key.scope, holder=record.run_id)
 
     @staticmethod
     def busy(key: Key) -> Conflict:
         """The refusal for a retry that cannot wait for the first run of its key."""
-        return Conflict(details={"run_id": key.holder}, headers={"Retry-After": str(RETRY_CONFLICT)})
+        return Conflict(details={"run_id": key.holder or key.bound}, headers={"Retry-After": str(RETRY_CONFLICT)})
 
-    def remember(self, key: Key, run_id: str, answer: dict) -> None:
-        """Keep the answer of a delegated run for the key's lifetime."""
+    def bind(self, key: Key, run_id: str) -> None:
+        """The run is being handed over: from now on the key names its record for the key's lifetime."""
         if not key.new:
             return
+        self.store.bind_key(key.scope, run_id, self._ttl)
         self._release(keys=(key.scope, run_id))
-        try:
-            self.store.finish_key(key.scope, run_id, answer, self._ttl)
-        except Unavailable:
-            # The run happened: its caller still gets the answer; only a retry after the lease may run again.
-            log.warning("could not remember the answer of run %s under its Idempotency-Key", run_id)  # pragma: no mutate
+
+    def drop_key(self, scope: str, run_id: str) -> None:
+        """A handed-over run was cancelled by circumstance (caller gone, shutdown): a retry may run it again."""
+        self.forget(Key(scope, new=True), run_id)
 
     def forget(self, key: Key, run_id: str) -> None:
         """An answer given before delegation is not remembered: a retry tries again."""
@@ -238,11 +258,9 @@ class RunControls:
 
     # -- account run slots ---------------------------------------------------
 
-    @contextmanager
-    def slot(self, account: str, run_id: str):
-        """One of the account's run slots for the duration of the block; 429 when all are taken."""
+    def take_slot(self, account: str, run_id: str) -> None:
+        """One of the account's run slots, held until release_slot; 429 when all are taken."""
         if not self._limit:
-            yield
             return
         taken, in_flight = self.store.acquire_slot(account, run_id, self._limit, LEASE_SECONDS)
         if not taken:
@@ -252,14 +270,27 @@ class RunControls:
                 details={"limit": self._limit, "in_flight": in_flight},
                 headers={"Retry-After": str(RETRY_SLOT)})
         self._hold(slots=(account, run_id))
+
+    def hold_slot(self, account: str, run_id: str) -> None:
+        """Hold an adopted run's slot again, whatever the limit: the run is in flight already."""
+        if not self._limit:
+            return
         try:
-            yield
-        finally:
-            self._release(slots=(account, run_id))
-            try:
-                self.store.release_slot(account, run_id)
-            except Unavailable:
-                log.warning("could not release the slot of run %s; it frees itself with its lease", run_id)  # pragma: no mutate
+            self.store.acquire_slot(account, run_id, 0, LEASE_SECONDS)
+        except Unavailable:
+            log.warning("could not hold the slot of adopted run %s", run_id)  # pragma: no mutate
+            return
+        self._hold(slots=(account, run_id))
+
+    def release_slot(self, account: str, run_id: str) -> None:
+        """Give the slot back, on every path; one not held does nothing."""
+        if not self._limit:
+            return
+        self._release(slots=(account, run_id))
+        try:
+            self.store.release_slot(account, run_id)
+        except Unavailable:
+            log.warning("could not release the slot of run %s; it frees itself with its lease", run_id)  # pragma: no mutate
 
     # -- leases ------------------------------------------------------------
 

@@ -4,6 +4,8 @@ import logging
 from flask import jsonify
 from werkzeug.exceptions import HTTPException
 
+from .schemas import error_schema
+
 log = logging.getLogger(__name__)
 
 
@@ -119,8 +121,6 @@ HTTP_TYPES = {
 
 def error_body(error_type, message, *, action=None, command=None, details=None) -> dict:
     """The contract's error envelope, from the schema that documents it."""
-    from .schemas import error_schema
-
     body = {"type": error_type, "message": message}
     for key, value in (("action", action), ("command", command), ("details", details)):
         if value is not None:
@@ -152,22 +152,8 @@ def _http_error(exc: HTTPException):
 
 
 def as_provider_error(exc: Exception) -> ProviderError:
-    """The HTTP shape of any error: ours as is, the Events client's translated at this boundary."""
-    from .bus.client import EventsError, EventsRejected
-
-    if isinstance(exc, ProviderError):
-        return exc
-    if isinstance(exc, EventsRejected) and exc.malformed:
-        return BadGateway("the Events API refused the request as malformed")  # pragma: no mutate
-    if isinstance(exc, EventsRejected) and exc.unauthorized:
-        return Unavailable("the Events API refused the provider's credentials")  # pragma: no mutate
-    if isinstance(exc, EventsError):
-        return Unavailable(str(exc))  # pragma: no mutate
-    return ProviderError()
-
-
-def _events_error(exc):
-    return _provider_error(as_provider_error(exc))
+    """The HTTP shape of any error: ours as is (the bus translates its own), anything else a bare 500."""
+    return exc if isinstance(exc, ProviderError) else ProviderError()
 
 
 def _unexpected(exc: Exception):
@@ -177,9 +163,6 @@ def _unexpected(exc: Exception):
 
 
 def init_app(app):
-    from .bus.client import EventsError
-
     app.register_error_handler(ProviderError, _provider_error)
-    app.register_error_handler(EventsError, _events_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

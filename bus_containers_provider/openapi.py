@@ -34,6 +34,8 @@ COMPONENTS = {
     "RunResult": schemas.run_answer_schema,
     "StatusItem": schemas.status_item_schema,
     "Items": schemas.items_schema,
+    "RunItem": schemas.run_item_schema,
+    "RunItems": schemas.run_items_schema,
     "DeleteResult": schemas.delete_result_schema,
     "RunnerStatus": schemas.runner_status_schema,
     "RunnerStart": schemas.runner_start_schema,
@@ -181,6 +183,27 @@ RUN_ID = {
 }
 
 
+PREFER_RUN = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "description": "RFC 7240. `respond-async`: answer 202 with the run's item as soon as the run request is "
+                   "published, and collect the result from `Location`; `respond-async, wait=N`: wait up to N "
+                   "seconds (at most `--max-wait`) for the foreground answer first. Unknown or malformed "
+                   "preferences are ignored.",
+    "schema": {"type": "string"},
+    "example": "respond-async, wait=10",
+}
+PREFER_READ = dict(PREFER_RUN, description="RFC 7240. `wait=N`: while the run is running, hold the request up to "
+                                           "N seconds (at most `--max-wait`, and only with run capacity to spare) "
+                                           "and answer as soon as it finishes.", example="wait=30")
+REPLAYED = {"description": "`true` when this is the stored answer of an earlier request with the same "
+                           "`Idempotency-Key`.", "schema": {"type": "string", "enum": ["true"]}}
+PREFERENCE_APPLIED = {"description": "The preferences applied (RFC 7240): `respond-async`, and `wait=N` with the "
+                                     "wait actually granted.", "schema": {"type": "string"}}
+POLL_AFTER = {"description": "Seconds before the run is worth reading again.",
+              "schema": {"type": "integer", "minimum": 1}}
+
 # The run id answered by a run opens its read and its deletion.
 RUN_LINKS = {
     "GetRun": {"operationId": "getRun", "parameters": {"run_id": "$response.body#/run_id"},
@@ -227,26 +250,39 @@ def build_spec(max_run_timeout: float = DEFAULT_MAX_RUN_TIMEOUT) -> dict:
         "post": _operation(
             "createRun", "Run one container",
             f"Runs one container in the foreground and answers with its result; a non-zero `exit_code` is "
-            f"still a 200. {_public('container:run')}", "containers",
+            f"still a 200. With `Prefer: respond-async` the run is detached: 202 once its request is published, "
+            f"and its result is read from `Location`. {_public('container:run')}", "containers",
             {200: dict(_ok("The finished run (or, for a retried `Idempotency-Key`, the first run's answer).",
-                           "RunResult"), links=RUN_LINKS, headers={"Idempotent-Replayed": {
-                               "description": "`true` when this is the stored answer of an earlier request "
-                                              "with the same `Idempotency-Key`.",
-                               "schema": {"type": "string", "enum": ["true"]}}})},
+                           "RunResult"), links=RUN_LINKS, headers={"Idempotent-Replayed": REPLAYED,
+                                                                   "Preference-Applied": PREFERENCE_APPLIED}),
+             202: dict(_ok("The run is accepted and detached: its item, running (or, for a retried "
+                           "`Idempotency-Key`, the first run's item as it is now).", "RunItem"),
+                       headers={"Location": {"description": "Where to read the run.", "required": True,
+                                             "schema": {"type": "string"}},
+                                "Preference-Applied": PREFERENCE_APPLIED, "Retry-After": POLL_AFTER,
+                                "Idempotent-Replayed": REPLAYED})},
             (400, 402, 409, 413, 415, 422, 429, *BACKEND_ERRORS),
-            parameters=[IDEMPOTENCY_KEY],
+            parameters=[IDEMPOTENCY_KEY, PREFER_RUN],
             requestBody={"required": True, "content": {"application/json": {"schema": "RunRequest"}}}),
         "get": _operation(
-            "listRuns", "The caller's runs", f"The caller's run items. {read}", "containers",
-            {200: _ok("The caller's runs.", "Items")}, BACKEND_ERRORS),
+            "listRuns", "The caller's runs",
+            f"The caller's run records (the 100 newest, newest first), then the backend's run items that have "
+            f"none. {read}", "containers",
+            {200: _ok("The caller's runs.", "RunItems")}, BACKEND_ERRORS),
     })
     spec.path(path="/api/v1/containers/runs/{run_id}", parameters=[RUN_ID], operations={
         "get": _operation(
-            "getRun", "One run", f"One of the caller's runs; another account's run id is not found. {read}",
-            "containers", {200: _ok("The run.", "StatusItem")}, (404, *BACKEND_ERRORS)),
+            "getRun", "One run",
+            f"One of the caller's runs, from its record when it has one (its `result` or `error` once "
+            f"finished); another account's run id is not found. {read}",
+            "containers", {200: dict(_ok("The run.", "RunItem"), headers={
+                "Retry-After": dict(POLL_AFTER, description="On a running run: seconds before reading it again."),
+                "Preference-Applied": PREFERENCE_APPLIED})}, (404, *BACKEND_ERRORS),
+            parameters=[PREFER_READ]),
         "delete": _operation(
             "deleteRun", "Delete a run",
-            f"Deletes or cancels one of the caller's runs. {_public('container:delete')}", "containers",
+            f"Deletes one of the caller's runs; a running run with a record is cancelled (everyone waiting "
+            f"gets its `cancelled` result) and then forgotten. {_public('container:delete')}", "containers",
             {200: _ok("The run is deleted.", "DeleteResult")}, (404, *BACKEND_ERRORS)),
     })
     internal = _internal()

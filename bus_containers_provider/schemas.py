@@ -148,6 +148,10 @@ class RunAnswerSchema(RunResultSchema):
     status = fields.String(required=True, validate=validate.OneOf(RUN_STATUSES))
     stdout_truncated = fields.Boolean(required=True)
     stderr_truncated = fields.Boolean(required=True)
+    # A run cancelled before any reply completed it has none of these (§9).
+    runner_name = fields.String(required=True, allow_none=True)
+    exit_code = fields.Integer(strict=True, required=True, allow_none=True)
+    runtime = fields.Nested(RuntimeSchema, required=True, allow_none=True)
 
 
 class StatusItemSchema(OwnedReply):
@@ -161,6 +165,17 @@ class ItemsSchema(Reply):
     """Status and run listings: {"items": [...]}."""
 
     items = fields.List(fields.Nested(StatusItemSchema), required=True)
+
+
+class RunItemSchema(StatusItemSchema):
+    """A run as answered to the caller: from its record (§9) with its result or error once finished."""
+
+    result = fields.Nested(RunAnswerSchema)
+    error = fields.Nested(lambda: ErrorBodySchema())
+
+
+class RunItemsSchema(Reply):
+    items = fields.List(fields.Nested(RunItemSchema), required=True)
 
 
 class DeleteResultSchema(OwnedReply):
@@ -242,6 +257,8 @@ run_result_schema = RunResultSchema()
 run_answer_schema = RunAnswerSchema()
 status_item_schema = StatusItemSchema()
 items_schema = ItemsSchema()
+run_item_schema = RunItemSchema()
+run_items_schema = RunItemsSchema()
 delete_result_schema = DeleteResultSchema()
 runner_status_schema = RunnerStatusSchema()
 runner_start_schema = RunnerStartSchema()

@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 
 from . import metrics
 from .bus import envelope_error
-from .bus.client import EventsError
 from .errors import ProviderError, StateUnavailable, Unavailable
 
 log = logging.getLogger(__name__)
@@ -238,7 +237,7 @@ class EventsUsage(NoUsage):
             error = None
             try:
                 self.record(event, self._send_timeout())
-            except (ProviderError, EventsError) as exc:
+            except ProviderError as exc:
                 error = exc
             except Exception:  # a bug must not end the sender silently
                 log.exception("usage %s for run %s failed", event["event_type"], _run(event))  # pragma: no mutate

@@ -14,11 +14,12 @@ class Broken(Backend):
     def _fail(self, *args, **kwargs):
         raise RuntimeError("a bug with a secret in its message: acct-a/token")
 
-    status_items = run = delete = runner_status = runner_start = runner_delete = _fail
+    status_items = start = delete = runner_status = runner_start = runner_delete = _fail
 
 
 def buggy(app):
-    app.extensions["bus_containers"].backend = Broken()
+    provider = app.extensions["bus_containers"]
+    provider.backend = provider.records.backend = Broken()
     return app
 
 

@@ -100,13 +100,54 @@ def connected(app, timeout=5.0):
 
 
 class AnsweringBus:
-    """Answers every request with one fixed envelope: for tests of how replies are read, not carried."""
+    """Answers every request with one fixed envelope: for tests of how replies are read, not carried.
+
+    A run request (expect, then publish) is answered as it is published, as a fast worker would.
+    """
 
     def __init__(self, envelope):
         self.envelope = envelope
+        self._expected = {}
 
     def request(self, name, payload, timeout, **options):
         return self.envelope
+
+    def answer(self, payload):
+        return self.envelope
+
+    def expect(self, name, correlation_id, on_reply=None):
+        self._expected[correlation_id] = on_reply
+        return Expected(correlation_id)
+
+    def publish(self, name, correlation_id, payload):
+        on_reply = self._expected.get(correlation_id)
+        if on_reply is not None:
+            on_reply(self.answer(payload), None)
+
+    def notify(self, name, payload):
+        return None
+
+    def forget(self, handle):
+        self._expected.pop(handle.correlation_id, None)
+
+    def recover(self, name, correlation_ids):
+        return None
+
+    def disconnected(self):
+        return []
+
+
+class Expected:
+    """AnsweringBus's wait for a reply: already answered, so nothing to watch."""
+
+    def __init__(self, correlation_id):
+        self.correlation_id = correlation_id
+
+    def watch(self, cancelled):
+        return None
+
+    def unwatch(self):
+        return None
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from inflight import wait_until
 
 from bus_containers_provider import metrics
 from bus_containers_provider.bus import Bus, envelope_error, reply_name_for
-from bus_containers_provider.bus.client import EventsClient, EventsRejected, ListenerDown, ReplyTimeout
+from bus_containers_provider.bus.client import EventsClient
 from bus_containers_provider.config import Settings
-from bus_containers_provider.errors import RunCancelled
+from bus_containers_provider.errors import RunCancelled, Unavailable
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -47,6 +47,17 @@ def reply_to(server, request, **payload):
     assert response.status_code == 202
 
 
+def answer_when_published(server, **payload):
+    """Reply to the next request once the Events API has stored it, from another thread."""
+    def answer():
+        [request] = server.wait_published(REQUEST)
+        reply_to(server, request, **payload)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
+
+
 def is_uuid(value):
     return isinstance(value, str) and str(uuid.UUID(value)) == value
 
@@ -71,15 +82,9 @@ def test_an_envelope_error_is_read_as_type_and_message(envelope, error):
 
 
 def test_a_request_is_published_with_a_fresh_correlation_id_and_answered(bus, events_server):
-    published = []
-
-    def answer():  # called once the Events API has stored the request
-        [request] = events_server.published(REQUEST)
-        published.append(request)
-        reply_to(events_server, request, n=1)
-
-    envelope = bus.request(REQUEST, {"x": 1}, 5, published=answer)
-    [request] = published
+    answer_when_published(events_server, n=1)
+    envelope = bus.request(REQUEST, {"x": 1}, 5)
+    [request] = events_server.published(REQUEST)
     assert request["payload"] == {"x": 1} and is_uuid(request["correlationId"])
     assert envelope["correlationId"] == request["correlationId"] and envelope["payload"] == {"n": 1}
     assert bus.registry.pending() == 0
@@ -103,16 +108,46 @@ def test_concurrent_requests_each_get_their_own_reply(bus, events_server):
     assert results == {0: {"n": 0}, 1: {"n": 1}}
 
 
-def test_no_reply_is_a_reply_timeout_after_the_wait(bus):
-    with pytest.raises(ReplyTimeout, match=re.escape(f"no {REPLY} reply within 0.2s")):
+def test_no_reply_is_a_503_after_the_wait(bus):
+    with pytest.raises(Unavailable, match=re.escape(f"no {REPLY} reply within 0.2s")) as raised:
         bus.request(REQUEST, {}, 0.2)
+    assert raised.value.status == 503 and raised.value.headers["Retry-After"] == "1"
     assert bus.registry.pending() == 0
 
 
-def test_a_cancelled_wait_ends_with_the_reason(bus):
-    with pytest.raises(RunCancelled, match="the caller went away"):
-        bus.request(REQUEST, {}, 10, cancelled=lambda: "the caller went away")
+def test_an_expected_reply_is_handed_to_its_callback_with_no_thread_waiting(bus, events_server):
+    replies = []
+    waiter = bus.expect(REQUEST, "c-1", lambda reply, error: replies.append((reply, error)))
+    bus.publish(REQUEST, "c-1", {"x": 1})
+    reply_to(events_server, events_server.wait_published(REQUEST)[0], n=2)
+    wait_until(lambda: replies, timeout=5, what="the reply handed over")
+    [(reply, error)] = replies
+    assert reply["payload"] == {"n": 2} and error is None
+    bus.forget(waiter)
     assert bus.registry.pending() == 0
+
+
+def test_a_watched_wait_ends_with_the_reason_in_its_callback(bus):
+    replies = []
+    waiter = bus.expect(REQUEST, "c-1", lambda reply, error: replies.append((reply, error)))
+    waiter.watch(lambda: "the caller went away")
+    wait_until(lambda: replies, timeout=5, what="the cancellation handed over")
+    [(reply, error)] = replies
+    assert reply is None and isinstance(error, RunCancelled) and str(error) == "the caller went away"
+    waiter.unwatch()
+    bus.forget(waiter)
+    assert bus.registry.pending() == 0
+
+
+def test_recover_finds_a_reply_answered_before_anyone_here_waited(bus, events_server):
+    # Another process published the run and died; its reply is in the stored history only.
+    reply_to(events_server, {"name": REQUEST, "correlationId": "c-old"}, n=3)
+    replies = []
+    waiter = bus.expect(REQUEST, "c-old", lambda reply, error: replies.append(reply))
+    bus.recover(REQUEST, ["c-old"])
+    wait_until(lambda: replies, timeout=5, what="the stored reply found")
+    assert replies[0]["payload"] == {"n": 3}
+    bus.forget(waiter)
 
 
 def test_notify_publishes_with_a_fresh_correlation_id_and_waits_for_nothing(bus, events_server):
@@ -125,7 +160,7 @@ def test_notify_publishes_with_a_fresh_correlation_id_and_waits_for_nothing(bus,
 
 
 def test_a_request_without_a_listener_for_its_reply_is_refused(bus, events_server):
-    with pytest.raises(ListenerDown, match=re.escape("the b.response listener is not connected")):
+    with pytest.raises(Unavailable, match=re.escape("the b.response listener is not connected")):
         bus.request("b.request", {}, 5)
     assert events_server.published() == []
 
@@ -156,7 +191,7 @@ def down(events_server):
 
 def test_a_request_on_a_dropped_stream_waits_up_to_the_down_grace_then_is_refused_unpublished(down, events_server):
     bus, asked = down(30.0)
-    with pytest.raises(ListenerDown) as refused:
+    with pytest.raises(Unavailable) as refused:
         bus.request(REQUEST, {}, 10)
     assert str(refused.value) == f"the {REPLY} listener is not connected"
     assert asked == [30.0] and events_server.published() == []
@@ -165,7 +200,7 @@ def test_a_request_on_a_dropped_stream_waits_up_to_the_down_grace_then_is_refuse
 def test_a_request_on_a_stream_down_past_its_grace_is_refused_without_waiting(down, events_server):
     bus, asked = down(0.2)
     wait_until(lambda: bus.registry.is_down(REPLY), timeout=5, what="the down grace ending")
-    with pytest.raises(ListenerDown, match=re.escape(f"the {REPLY} listener is not connected")):
+    with pytest.raises(Unavailable, match=re.escape(f"the {REPLY} listener is not connected")):
         bus.request(REQUEST, {}, 10)
     assert asked == [] and events_server.published() == []
 
@@ -207,7 +242,7 @@ def test_the_own_client_publishes_with_the_request_timeout():
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refused_provider_token_on_publish_is_logged_with_the_event_name(bus, events_server, caplog, status):
     events_server.fail_publish(status)
-    with pytest.raises(EventsRejected):
+    with pytest.raises(Unavailable, match="refused the provider's credentials"):
         bus.request(REQUEST, {}, 5)
     [record] = [r for r in caplog.records if r.name == "bus_containers_provider.bus"]
     assert record.levelno == logging.ERROR
@@ -226,6 +261,7 @@ def test_the_reply_time_is_observed_under_the_reply_name(bus, events_server, mon
                 return type("Child", (), {"observe": lambda self, seconds: observed.append((event, seconds))})()
 
     monkeypatch.setattr(metrics, "_series", Series())
-    bus.request(REQUEST, {}, 5, published=lambda: reply_to(events_server, events_server.published(REQUEST)[0]))
+    answer_when_published(events_server)
+    bus.request(REQUEST, {}, 5)
     [(event, seconds)] = observed
     assert event == REPLY and seconds >= 0

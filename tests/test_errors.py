@@ -4,6 +4,7 @@ from werkzeug import exceptions
 from werkzeug.datastructures import WWWAuthenticate
 
 from bus_containers_provider import create_app
+from bus_containers_provider.bus import as_http
 from bus_containers_provider.bus.client import EventsRejected, EventsUnavailable
 from bus_containers_provider.errors import (
     BadGateway, ProviderError, RunCancelled, StateUnavailable, Unavailable, as_provider_error,
@@ -22,14 +23,27 @@ def test_an_unavailable_error_keeps_its_guidance_and_sets_retry_after(error):
     assert error(retry_after=7).headers == {"Retry-After": "7"}
 
 
-def test_as_provider_error_maps_the_events_client_errors():
-    assert isinstance(as_provider_error(EventsRejected(400, "bad")), BadGateway)
-    assert as_provider_error(EventsRejected(401, "refused")).status == 503
-    assert as_provider_error(EventsRejected(403, "refused")).status == 503
-    assert as_provider_error(EventsUnavailable("down")).status == 503
-    mine = BadGateway("mine")
+def test_the_bus_translates_the_events_client_errors_at_its_boundary():
+    assert isinstance(as_http(EventsRejected(400, "bad")), BadGateway)
+    assert as_http(EventsRejected(401, "refused")).status == 503
+    assert as_http(EventsRejected(403, "refused")).status == 503
+    down = as_http(EventsUnavailable("down"))
+    assert down.status == 503 and down.message == "down" and down.headers["Retry-After"] == "1"
+    mine = Unavailable("x")
     assert as_provider_error(mine) is mine
     assert type(as_provider_error(KeyError("x"))) is ProviderError
+
+
+def test_the_error_tree_and_metrics_import_nothing_from_the_bus():
+    """The layers point one way: the bus knows the errors, never the other way round."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(__file__).resolve().parent.parent / "bus_containers_provider"
+    for module in (package / "errors.py", package / "metrics" / "__init__.py", package / "metrics" / "series.py"):
+        imported = {node.module for node in ast.walk(ast.parse(module.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {name for name in imported if "bus" in name.split(".")}, (module.name, imported)
 
 
 def app_raising(exc):

@@ -192,6 +192,29 @@ def test_in_flight_gauge_rises_during_a_held_run_and_returns_to_zero(events_serv
                  le="2.5") == 1
 
 
+def test_a_detached_run_counts_as_detached_in_flight_until_it_finishes(events_server, responder):
+    with metrics_provider(env=events_process_env(events_server)) as provider:
+        wait_for(lambda: all(value(scrape(provider.metrics_url), "bus_containers_events_listener_connected",
+                                   event=name) == 1 for name in REPLY_NAMES), what="every listener connected")
+        headers = dict(bearer("acct-a"), Prefer="respond-async")
+        accepted = requests.post(f"{provider.url}{RUNS}", headers=headers, timeout=10,
+                                 json={"profile": "sleep:2", "args": ["echo", "detached"]})
+        assert accepted.status_code == 202, accepted.text
+        during = scrape(provider.metrics_url)
+        finished = requests.get(f"{provider.url}{RUNS}/{accepted.json()['id']}", timeout=30,
+                                headers=dict(bearer("acct-a"), Prefer="wait=20")).json()
+        assert finished["state"] == "finished", finished
+        wait_for(lambda: value(scrape(provider.metrics_url), "bus_containers_runs_detached_in_flight") == 0,
+                 what="the detached gauge back to 0")
+        after = scrape(provider.metrics_url)
+    assert value(during, "bus_containers_runs_detached_in_flight") == 1
+    assert value(during, "bus_containers_runs_in_flight") == 1
+    assert value(after, "bus_containers_runs_in_flight") == 0
+    assert value(after, "bus_containers_runs_total", status="succeeded") == 1
+    # Completed by the process that published it: nothing was adopted.
+    assert value(after, "bus_containers_runs_adopted_total") == 0
+
+
 def test_a_killed_worker_replaced_keeps_its_counts_and_drops_its_gauges():
     with metrics_provider() as provider:
         sent, counts = until_both_workers_served(provider)
@@ -429,7 +452,7 @@ def test_without_metrics_addr_nothing_is_exported_or_imported():
              "from bus_containers_provider.serving import gunicorn_options; "
              "from bus_containers_provider import metrics; "
              "app = create_app({'BUS_CONTAINERS_JWT_SECRET': sys.argv[1]}); gunicorn_options(app.extensions"
-             "['bus_containers'].settings); metrics.run_started(); metrics.run_finished('succeeded'); "
+             "['bus_containers'].settings); metrics.run_started(); metrics.run_ended(status='succeeded'); "
              "metrics.listener_state('x', True); metrics.usage_lost(); "
              "print('prometheus_client' in sys.modules, metrics.enabled())")
     result = subprocess.run([sys.executable, "-c", probe, SECRET], env=provider_env(), cwd=ROOT,

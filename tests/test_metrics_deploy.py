@@ -65,7 +65,8 @@ def test_every_metric_the_dashboard_queries_is_exported():
     for needed in ("bus_containers_http_requests_total", "bus_containers_http_request_duration_seconds_bucket",
                    "bus_containers_runs_in_flight", "bus_containers_runs_total",
                    "bus_containers_events_reply_seconds_bucket", "bus_containers_events_listener_connected",
-                   "bus_containers_usage_records_pending"):
+                   "bus_containers_usage_records_pending", "bus_containers_runs_detached_in_flight",
+                   "bus_containers_runs_adopted_total"):
         assert needed in queried, needed
 
 

@@ -32,7 +32,7 @@ RUNNER = "/api/internal/containers/runner"
 BACKEND_ERRORS = {401, 403, 405, 502, 503}
 EXPECTED = {
     "/api/v1/containers/status": {"get": {200} | BACKEND_ERRORS},
-    RUNS: {"get": {200} | BACKEND_ERRORS, "post": {200, 400, 402, 409, 413, 415, 422, 429} | BACKEND_ERRORS},
+    RUNS: {"get": {200} | BACKEND_ERRORS, "post": {200, 202, 400, 402, 409, 413, 415, 422, 429} | BACKEND_ERRORS},
     RUN: {"get": {200, 404} | BACKEND_ERRORS, "delete": {200, 404} | BACKEND_ERRORS},
     RUNNER: {"get": {200} | BACKEND_ERRORS, "post": {202} | BACKEND_ERRORS, "delete": {200} | BACKEND_ERRORS},
     "/readyz": {"get": {200, 405, 503}},
@@ -121,9 +121,10 @@ def test_error_responses(document):
 def test_success_bodies_are_the_contract_schemas(document):
     expected = {
         ("/api/v1/containers/status", "get", "200"): "Items",
-        (RUNS, "get", "200"): "Items",
+        (RUNS, "get", "200"): "RunItems",
         (RUNS, "post", "200"): "RunResult",
-        (RUN, "get", "200"): "StatusItem",
+        (RUNS, "post", "202"): "RunItem",
+        (RUN, "get", "200"): "RunItem",
         (RUN, "delete", "200"): "DeleteResult",
         (RUNNER, "get", "200"): "RunnerStatus",
         (RUNNER, "post", "202"): "RunnerStart",
@@ -163,7 +164,16 @@ def test_component_shapes_follow_the_contract(document):
     assert set(run_result["properties"]) == fields
     assert run_result["properties"]["status"]["enum"] == ["succeeded", "failed", "timed_out", "cancelled", "error"]
     assert set(run_result["required"]) == fields
-    assert resolve(document, run_result["properties"]["runtime"])["required"] == ["provider", "state"]
+    # A run cancelled before any reply completed it (§9) has no runner, runtime or exit code.
+    runtime, null = run_result["properties"]["runtime"]["anyOf"]
+    assert resolve(document, runtime)["required"] == ["provider", "state"] and null == {"type": "null"}
+    assert run_result["properties"]["exit_code"]["type"] == ["integer", "null"]
+    assert run_result["properties"]["runner_name"]["type"] == ["string", "null"]
+    run_item = components["RunItem"]
+    assert {"id", "state", "owner_account_id", "details", "result", "error"} == set(run_item["properties"])
+    assert resolve(document, run_item["properties"]["result"]) == run_result
+    detached = document["paths"][RUNS]["post"]["responses"]["202"]["headers"]
+    assert {"Location", "Preference-Applied", "Retry-After"} <= set(detached)
 
     error = components["Error"]
     assert error["required"] == ["error"]

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from bus_containers_provider.backends import RunRequest, Watch
+from bus_containers_provider.backends import RunRequest
 from bus_containers_provider.backends.static import StaticBackend
 from bus_containers_provider.billing import EventsBilling, denial
 from bus_containers_provider.errors import BillingRequired, StateUnavailable, Unavailable
@@ -100,9 +100,9 @@ def run_request(n):
 def test_the_static_backend_forgets_its_oldest_runs_beyond_its_bound():
     backend = StaticBackend(max_runs=2)
     for n in range(3):
-        backend.run(run_request(n), Watch())
+        backend.start(run_request(n), f"c{n}", lambda reply, error: None)
     assert [item["id"] for item in backend.runs("acct-a")] == ["run_1", "run_2"]
-    backend.run(run_request(3), Watch())
+    backend.start(run_request(3), "c3", lambda reply, error: None)
     assert [item["id"] for item in backend.runs("acct-a")] == ["run_2", "run_3"]
 
 

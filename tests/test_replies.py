@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from bus_containers_provider import create_app
-from bus_containers_provider.backends import RunRequest, Watch
+from bus_containers_provider.backends import RunRequest
+from bus_containers_provider.controls import Key, RunControls
+from bus_containers_provider.records import RunRecords
+from bus_containers_provider.state.memory import MemoryStore
+from bus_containers_provider.usage import NoUsage
 from bus_containers_provider.backends.base import Backend
 from bus_containers_provider.backends.events import EventsBackend
 from bus_containers_provider.billing import EventsBilling
@@ -28,7 +32,7 @@ RUN = RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"], im
 # action -> (call, a well-formed payload for its reply)
 ACTIONS = {
     "status": (lambda b: b.status("acct-a"), {"items": [{"id": "x", "state": "ready"}]}),
-    "run": (lambda b: b.run(RUN, Watch()), RUN_RESULT),
+    "run": (lambda b: b.result(b._bus.request("bus.containers.run.request", {}, 1), "run_1"), RUN_RESULT),
     "delete": (lambda b: b.delete("acct-a", "run_1"),
                {"deleted": True, "run_id": "run_1", "owner_account_id": "acct-a"}),
     "runner_status": (lambda b: b.runner_status(), {"status": {"state": "ready", "provider": "r", "details": {}}}),
@@ -47,6 +51,10 @@ class RecordingBus(AnsweringBus):
     def request(self, name, payload, timeout, **options):
         self.calls.append((name, payload, timeout))
         return self.envelope
+
+    def publish(self, name, correlation_id, payload):
+        self.calls.append((name, payload, None))
+        super().publish(name, correlation_id, payload)
 
 
 @pytest.mark.parametrize("action", sorted(ACTIONS))
@@ -91,11 +99,15 @@ def test_the_static_backend_reduces_unowned_items_through_the_same_rule():
 def test_a_run_waits_its_timeout_plus_the_grace(body, wait):
     """§1: a run waits timeout_seconds + grace; with 0 or none, --max-run-timeout + grace."""
     bus = RecordingBus({"payload": RUN_RESULT})
-    EventsBackend(bus, SETTINGS).run(RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"],
-                                                profile="p", **body), Watch())
-    [(name, payload, timeout)] = bus.calls
-    assert name == "bus.containers.run.request" and timeout == wait
+    controls = RunControls(MemoryStore(), max_runs_per_account=0, run_capacity=1, idempotency_ttl=60)
+    records = RunRecords(controls.store, EventsBackend(bus, SETTINGS), NoUsage(), controls, SETTINGS)
+    live = records.open(RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"], profile="p", **body),
+                        Key(), detached=True)
+    [(name, payload, _)] = bus.calls
+    assert name == "bus.containers.run.request"
+    assert live.record["deadline"] - live.record["created"] == wait
     assert payload.get("timeout_seconds") == body.get("timeout_seconds")
+    records.stop(hand_over=False)
 
 
 @pytest.mark.parametrize("action", ["status", "delete", "runner_status", "runner_start", "runner_delete"])

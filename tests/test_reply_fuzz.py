@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus_containers_provider.backends import RunRequest, Watch
+from bus_containers_provider.backends import RunRequest
 from bus_containers_provider.backends.events import EventsBackend
 from bus_containers_provider.billing import EventsBilling
 from bus_containers_provider.config import Settings
@@ -72,7 +72,8 @@ usage_replies = st.fixed_dictionaries({}, optional={"recorded": st.just(True), "
 RUN = RunRequest(run_id="run_1", owner_account_id="acct-a", command=["true"], image="alpine")
 ACTIONS = {
     "status": lambda backend, billing, usage: backend.status("acct-a"),
-    "run": lambda backend, billing, usage: backend.run(RUN, Watch()),
+    "run": lambda backend, billing, usage: backend.result(backend._bus.request("bus.containers.run.request", {}, 1),
+                                                           RUN.run_id),
     "delete": lambda backend, billing, usage: backend.delete("acct-a", "run_1"),
     "runner_status": lambda backend, billing, usage: backend.runner_status(),
     "runner_start": lambda backend, billing, usage: backend.runner_start(),

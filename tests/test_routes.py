@@ -118,7 +118,8 @@ def test_status_read_and_delete_round_trip(client):
     listed = client.get(RUNS, headers=bearer()).get_json()["items"]
     assert [item["id"] for item in listed] == [run["run_id"]]
     read = client.get(f"{RUNS}/{run['run_id']}", headers=bearer())
-    assert read.status_code == 200 and read.get_json() == mine[0]
+    # Read from the run's record (§9): the status item's fields, and the result as it was answered.
+    assert read.status_code == 200 and read.get_json() == dict(mine[0], result=run)
     deleted = client.delete(f"{RUNS}/{run['run_id']}", headers=bearer())
     assert deleted.status_code == 200
     assert deleted.get_json() == {"deleted": True, "run_id": run["run_id"], "owner_account_id": "acct-a"}

@@ -338,8 +338,8 @@ class TestCancelWithTheEventsApiDown:
                 assert events_server.wait_published(RUN_NAME, 1, timeout=5)
                 events_server.fail_publish(503)  # the delete request will not get out
                 left.set()
-                with pytest.raises(RunCancelled):
-                    waiting.result(timeout=10)
+                answer = waiting.result(timeout=10)
+        assert answer.status == 503 and answer.body["error"]["details"] == {"run_id": "run_gone"}
         events_server.reset_faults()
         failed = [r for r in provider.usage.records if r["event_type"] == "container_run_failed"]
         assert [(r["data"]["run_id"], r["data"]["reason"]) for r in failed] == [("run_gone", "cancelled")]
@@ -376,12 +376,12 @@ class TestJoin:
         with pytest.raises(Conflict):  # a 60 s wait would run into the test's timeout instead
             controls.join(retry, "fp", "run_2", wait=60, gone=lambda: "the caller went away")
 
-    def test_a_retry_gets_the_first_answer_once_it_is_remembered(self):
+    def test_a_retry_is_pointed_at_the_first_run_once_it_is_handed_over(self):
         controls = controls_over(MemoryStore())
         first, retry = first_and_retry(controls)
-        controls.remember(first, "run_1", ANSWER)
+        controls.bind(first, "run_1")
         joined = controls.join(retry, "fp", "run_2", wait=5, gone=never)
-        assert joined.answer == ANSWER and not joined.new
+        assert joined.bound == "run_1" and not joined.new
 
     def test_a_retry_runs_itself_when_the_first_answer_is_not_remembered(self):
         controls = controls_over(MemoryStore())
@@ -391,8 +391,8 @@ class TestJoin:
         assert joined.new and joined.scope == retry.scope
         # The key is the retry's now: a further retry waits for run_2, and run_2's answer is remembered.
         assert controls.claim("acct-a", "k", "fp", "run_3").holder == "run_2"
-        controls.remember(joined, "run_2", ANSWER)
-        assert controls.claim("acct-a", "k", "fp", "run_3").answer == ANSWER
+        controls.bind(joined, "run_2")
+        assert controls.claim("acct-a", "k", "fp", "run_3").bound == "run_2"
 
 
 class Clock:
@@ -420,11 +420,13 @@ class TestLeases:
         clock = Clock()
         store = MemoryStore(clock=clock)
         controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
-        with controls.slot("acct-a", "run_1"):
-            clock.now += LEASE_SECONDS - 1
-            controls.renew()
-            clock.now += LEASE_SECONDS - 1
-            assert store.acquire_slot("acct-a", "run_2", 1, LEASE_SECONDS) == (False, 1)
+        controls.take_slot("acct-a", "run_1")
+        clock.now += LEASE_SECONDS - 1
+        controls.renew()
+        clock.now += LEASE_SECONDS - 1
+        assert store.acquire_slot("acct-a", "run_2", 1, LEASE_SECONDS) == (False, 1)
+        controls.release_slot("acct-a", "run_1")
+        assert store.acquire_slot("acct-a", "run_2", 1, LEASE_SECONDS) == (True, 1)
 
     def test_a_retry_that_runs_itself_renews_the_key_it_reclaimed(self):
         clock = Clock()
@@ -447,12 +449,13 @@ class TestLeases:
                 super().renew(slots, keys, lease)
 
         controls = RunControls(Recording(), max_runs_per_account=2, run_capacity=4, idempotency_ttl=60)
-        remembered = controls.claim("acct-a", "k1", "fp", "run_1")
+        bound = controls.claim("acct-a", "k1", "fp", "run_1")
         forgotten = controls.claim("acct-a", "k2", "fp", "run_2")
-        with controls.slot("acct-a", "run_1"):
-            controls.renew()
-            assert sorted(run for _, run in renewed[-1][1]) == ["run_1", "run_2"] and len(renewed[-1][0]) == 1
-        controls.remember(remembered, "run_1", ANSWER)
+        controls.take_slot("acct-a", "run_1")
+        controls.renew()
+        assert sorted(run for _, run in renewed[-1][1]) == ["run_1", "run_2"] and len(renewed[-1][0]) == 1
+        controls.release_slot("acct-a", "run_1")
+        controls.bind(bound, "run_1")
         controls.forget(forgotten, "run_2")
         count = len(renewed)
         controls.renew()
@@ -483,24 +486,24 @@ class TestRenewalThread:
         store = self.Recording()
         controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
         before = set(threading.enumerate())
-        with controls.slot("acct-a", "run_1"):
-            controls.start()
-            self.renewing(store)
-            controls.stop()
-            assert set(threading.enumerate()) - before == set()  # joined, so nothing renews any more
-            count = store.renewals
-            controls.renew()  # by hand it still works: the count moves only for that
-            assert store.renewals == count + 1
+        controls.take_slot("acct-a", "run_1")
+        controls.start()
+        self.renewing(store)
+        controls.stop()
+        assert set(threading.enumerate()) - before == set()  # joined, so nothing renews any more
+        count = store.renewals
+        controls.renew()  # by hand it still works: the count moves only for that
+        assert store.renewals == count + 1
 
     def test_start_after_stop_renews_again(self):
         store = self.Recording()
         controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
-        with controls.slot("acct-a", "run_1"):
-            controls.start()
-            controls.stop()
-            controls.start()
-            self.renewing(store)
-            controls.stop()
+        controls.take_slot("acct-a", "run_1")
+        controls.start()
+        controls.stop()
+        controls.start()
+        self.renewing(store)
+        controls.stop()
 
 
 class Interleaved(MemoryStore):
@@ -527,7 +530,7 @@ class TestReclaimRace:
         with pytest.raises(IdempotencyKeyReused):
             controls.join(retry, "fp", "run_2", wait=5, gone=never)
 
-    def test_a_run_that_took_the_key_and_finished_first_answers_the_retry(self):
+    def test_a_run_that_took_the_key_and_was_handed_over_first_answers_the_retry(self):
         store = Interleaved()
         controls = controls_over(store)
         _, retry = first_and_retry(controls)
@@ -535,10 +538,10 @@ class TestReclaimRace:
         def meanwhile(s, scope):
             s._keys.clear()
             s.claim_key(scope, "fp", "run_3", 30)
-            s.finish_key(scope, "run_3", ANSWER, 60)
+            s.bind_key(scope, "run_3", 60)
 
         store.meanwhile = meanwhile
-        assert controls.join(retry, "fp", "run_2", wait=5, gone=never).answer == ANSWER
+        assert controls.join(retry, "fp", "run_2", wait=5, gone=never).bound == "run_3"
 
     def test_a_run_that_took_the_key_first_is_waited_for_never_run_again(self):
         store = Interleaved()
@@ -664,10 +667,9 @@ class TestRejectionsCounted:
 
     def test_a_full_account(self, counted):
         controls = RunControls(MemoryStore(), max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
-        with controls.slot("acct-a", "run_1"):
-            with rejections(counted) as changes, pytest.raises(TooManyRuns):
-                with controls.slot("acct-a", "run_2"):
-                    pass
+        controls.take_slot("acct-a", "run_1")
+        with rejections(counted) as changes, pytest.raises(TooManyRuns):
+            controls.take_slot("acct-a", "run_2")
         assert changes.delta == {"too_many_runs": 1}
 
     @pytest.mark.parametrize("refusal,reason", [(None, "capacity"), (Conflict(), "conflict")])

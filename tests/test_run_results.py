@@ -69,10 +69,8 @@ class EchoRunBus(AnsweringBus):
         super().__init__(envelope)
         self.payloads = []
 
-    def request(self, name, payload, timeout, **options):
+    def answer(self, payload):
         self.payloads.append(payload)
-        if options.get("published"):
-            options["published"]()
         return dict(self.envelope, payload=dict(self.envelope["payload"], run_id=payload["run_id"]))
 
 

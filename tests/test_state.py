@@ -9,7 +9,7 @@ import redis
 
 from bus_containers_provider.errors import StateUnavailable
 from bus_containers_provider.state import create_store
-from bus_containers_provider.state.base import DONE, IN_FLIGHT
+from bus_containers_provider.state.base import BOUND, FINISHED, IN_FLIGHT, RUNNING
 from bus_containers_provider.state.memory import MemoryStore
 from bus_containers_provider.state.redis import PREFIX, RedisStore
 
@@ -68,15 +68,15 @@ def race(count, action):
 
 def test_a_new_claim_is_in_flight_and_readable(store):
     claim = store.claim_key("scope-1", "fp-1", "run_1", 60)
-    assert claim == (IN_FLIGHT, "fp-1", "run_1", None, True)
-    assert store.read_key("scope-1") == (IN_FLIGHT, "fp-1", "run_1", None, False)
+    assert claim == (IN_FLIGHT, "fp-1", "run_1", True)
+    assert store.read_key("scope-1") == (IN_FLIGHT, "fp-1", "run_1", False)
     assert store.read_key("scope-2") is None
 
 
 def test_a_second_claim_gets_the_record_in_flight(store):
     store.claim_key("scope-1", "fp-1", "run_1", 60)
     claim = store.claim_key("scope-1", "fp-2", "run_2", 60)
-    assert claim == (IN_FLIGHT, "fp-1", "run_1", None, False)
+    assert claim == (IN_FLIGHT, "fp-1", "run_1", False)
 
 
 def test_a_retried_claim_of_the_same_run_is_still_its_own(store):
@@ -84,26 +84,25 @@ def test_a_retried_claim_of_the_same_run_is_still_its_own(store):
     assert store.claim_key("scope-1", "fp-1", "run_1", 60).new
 
 
-def test_a_finished_record_carries_its_answer_exactly(store):
+def test_a_bound_key_names_its_run_for_everyone(store):
     store.claim_key("scope-1", "fp-1", "run_1", 60)
-    store.finish_key("scope-1", "run_1", ANSWER, 60)
-    done = store.read_key("scope-1")
-    assert done == (DONE, "fp-1", "run_1", ANSWER, False)
-    assert done.answer["body"]["args"] == [] and done.answer["body"]["env"] == {}
-    assert store.claim_key("scope-1", "fp-1", "run_2", 60) == done
-    # Done is done: the run that finished it cannot claim it as new again.
+    store.bind_key("scope-1", "run_1", 60)
+    bound = store.read_key("scope-1")
+    assert bound == (BOUND, "fp-1", "run_1", False)
+    assert store.claim_key("scope-1", "fp-1", "run_2", 60) == bound
+    # Handed over is handed over: the run that bound it cannot claim it as new again.
     assert not store.claim_key("scope-1", "fp-1", "run_1", 60).new
 
 
-def test_another_run_cannot_finish_or_drop_the_record(store):
+def test_another_run_cannot_bind_or_drop_the_record(store):
     store.claim_key("scope-1", "fp-1", "run_1", 60)
-    store.finish_key("scope-1", "run_2", ANSWER, 60)
+    store.bind_key("scope-1", "run_2", 60)
     store.drop_key("scope-1", "run_2")
-    assert store.read_key("scope-1") == (IN_FLIGHT, "fp-1", "run_1", None, False)
+    assert store.read_key("scope-1") == (IN_FLIGHT, "fp-1", "run_1", False)
 
 
-def test_finish_or_drop_of_no_record_creates_nothing(store):
-    store.finish_key("scope-1", "run_1", ANSWER, 60)
+def test_bind_or_drop_of_no_record_creates_nothing(store):
+    store.bind_key("scope-1", "run_1", 60)
     store.drop_key("scope-1", "run_1")
     assert store.read_key("scope-1") is None
 
@@ -115,29 +114,32 @@ def test_dropping_frees_the_key(store):
     assert store.claim_key("scope-1", "fp-2", "run_2", 60).new
 
 
-def test_a_finished_record_is_not_dropped(store):
+def test_a_bound_key_is_dropped_only_by_its_own_run(store):
+    # A publish that failed after the key was bound: the run was never handed over.
     store.claim_key("scope-1", "fp-1", "run_1", 60)
-    store.finish_key("scope-1", "run_1", ANSWER, 60)
+    store.bind_key("scope-1", "run_1", 60)
+    store.drop_key("scope-1", "run_2")
+    assert store.read_key("scope-1").state == BOUND
     store.drop_key("scope-1", "run_1")
-    assert store.read_key("scope-1").state == DONE
+    assert store.read_key("scope-1") is None
 
 
 def test_an_in_flight_lease_expires_and_frees_the_key(store):
     store.claim_key("scope-1", "fp-1", "run_1", LEASE)
     assert eventually(lambda: store.read_key("scope-1") is None)
     assert store.claim_key("scope-1", "fp-2", "run_2", 60).new
-    # The first run, back too late, cannot finish the second's record.
-    store.finish_key("scope-1", "run_1", ANSWER, 60)
-    assert store.read_key("scope-1") == (IN_FLIGHT, "fp-2", "run_2", None, False)
+    # The first run, back too late, cannot bind the second's record.
+    store.bind_key("scope-1", "run_1", 60)
+    assert store.read_key("scope-1") == (IN_FLIGHT, "fp-2", "run_2", False)
 
 
-def test_a_finished_record_lives_for_its_ttl_not_its_lease(store):
+def test_a_bound_key_lives_for_its_ttl_not_its_lease(store):
     store.claim_key("scope-1", "fp-1", "run_1", LEASE)
-    store.finish_key("scope-1", "run_1", ANSWER, 60)
+    store.bind_key("scope-1", "run_1", 60)
     time.sleep(LEASE * 2)  # past the in-flight lease
-    assert store.read_key("scope-1").state == DONE
+    assert store.read_key("scope-1").state == BOUND
     store.claim_key("scope-2", "fp-1", "run_2", 60)
-    store.finish_key("scope-2", "run_2", ANSWER, LEASE)
+    store.bind_key("scope-2", "run_2", LEASE)
     assert eventually(lambda: store.read_key("scope-2") is None)
 
 
@@ -145,14 +147,14 @@ def test_renew_keeps_only_this_runs_in_flight_record(store):
     store.claim_key("mine", "fp", "run_1", LEASE)
     store.claim_key("theirs", "fp", "run_2", LEASE)
     store.claim_key("done", "fp", "run_3", 60)
-    store.finish_key("done", "run_3", ANSWER, LEASE)
+    store.bind_key("done", "run_3", LEASE)
     renewals = [("mine", "run_1"), ("theirs", "run_1"), ("done", "run_3")]
     deadline = time.monotonic() + LEASE * 4
     while time.monotonic() < deadline:
         store.renew([], renewals, LEASE * 2)
         time.sleep(LEASE / 6)
     assert store.read_key("mine").run_id == "run_1"
-    # Renewed by a run that does not hold it, or no longer in flight: it expires as if never renewed.
+    # Renewed by a run that does not hold it, or handed over: it expires as if never renewed.
     assert store.read_key("theirs") is None and store.read_key("done") is None
     assert eventually(lambda: store.read_key("mine") is None)
 
@@ -238,6 +240,114 @@ def test_ping_answers(store):
     store.ping()
 
 
+# Run records (§9)
+
+
+def record(run_id="run_1", account="acct-a", created=1000.0, **extra):
+    return {"state": RUNNING, "run_id": run_id, "owner_account_id": account, "correlation_id": f"c-{run_id}",
+            "created": created, "deadline": created + 60, "args": [], "detached": True, **extra}
+
+
+def test_a_record_reads_back_as_put(store):
+    store.put_run(record(image="alpine"), 60, 600)
+    assert store.read_run("run_1") == record(image="alpine")
+    assert store.read_run("run_2") is None
+
+
+def test_finishing_keeps_the_answer_exactly_and_happens_once(store):
+    store.put_run(record(), 60, 600)
+    finished = store.finish_run("run_1", "acct-a", ANSWER, 600)
+    assert finished == dict(record(), state=FINISHED, answer=ANSWER)
+    assert finished["answer"]["body"]["args"] == [] and finished["answer"]["body"]["env"] == {}
+    assert store.read_run("run_1") == finished
+    # Exactly one completion: a second finish (another process, a late reply) changes nothing.
+    assert store.finish_run("run_1", "acct-a", {"status": 503, "body": {}, "headers": {}}, 600) is None
+    assert store.read_run("run_1")["answer"] == ANSWER
+    assert store.finish_run("run_9", "acct-a", ANSWER, 600) is None
+
+
+def test_racing_finishes_make_exactly_one_completion(store):
+    store.put_run(record(), 60, 600)
+    results = race(16, lambda i: store.finish_run("run_1", "acct-a", dict(ANSWER, status=200 + i), 600))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and store.read_run("run_1") == winners[0]
+
+
+def test_a_forgotten_record_is_marked_or_gone(store):
+    store.put_run(record("run_1"), 60, 600)
+    store.put_run(record("run_2", created=1001.0), 60, 600)
+    store.finish_run("run_1", "acct-a", ANSWER, 600, forget=True)
+    store.finish_run("run_2", "acct-a", ANSWER, 0, forget=True)
+    assert store.read_run("run_1")["forgotten"] is True
+    assert store.read_run("run_2") is None
+    assert store.list_runs("acct-a", 100) == []
+
+
+def test_a_finished_record_lives_for_what_it_keeps(store):
+    store.put_run(record(), 60, 600)
+    store.finish_run("run_1", "acct-a", ANSWER, LEASE)
+    assert store.read_run("run_1")["state"] == FINISHED
+    assert eventually(lambda: store.read_run("run_1") is None)
+
+
+def test_a_running_record_is_taken_only_once_its_lease_passes(store):
+    store.put_run(record("run_1"), LEASE, 600)
+    store.put_run(record("run_2"), 60, 600)
+    assert store.take_runs(10, 60) == []
+    taken = eventually(lambda: store.take_runs(10, 60))
+    assert [r["run_id"] for r in taken] == ["run_1"]
+    # Taken is held: nobody else takes it until the new lease passes.
+    assert store.take_runs(10, 60) == []
+
+
+def test_a_finished_record_is_never_taken(store):
+    store.put_run(record("run_1"), LEASE, 600)
+    store.finish_run("run_1", "acct-a", ANSWER, 600)
+    time.sleep(LEASE * 2)
+    assert store.take_runs(10, 60) == []
+
+
+def test_one_record_is_taken_by_its_id(store):
+    store.put_run(record("run_1"), LEASE, 600)
+    store.put_run(record("run_2"), LEASE, 600)
+    assert eventually(lambda: store.take_runs(10, 60, "run_2"))[0]["run_id"] == "run_2"
+    assert store.take_runs(10, 60, "run_2") == []
+    assert [r["run_id"] for r in store.take_runs(10, 60)] == ["run_1"]
+
+
+def test_holding_renews_and_names_what_is_no_longer_held(store):
+    store.put_run(record("run_1"), LEASE, 600)
+    store.put_run(record("run_2"), LEASE, 600)
+    store.finish_run("run_2", "acct-a", ANSWER, 600)
+    deadline = time.monotonic() + LEASE * 4
+    while time.monotonic() < deadline:
+        assert store.hold_runs(["run_1", "run_2"], LEASE * 2) == ["run_2"]
+        time.sleep(LEASE / 6)
+    assert store.take_runs(10, 60) == []
+
+
+def test_a_lease_of_zero_hands_the_record_over_at_once(store):
+    store.put_run(record("run_1"), 60, 600)
+    store.hold_runs(["run_1"], 0)
+    assert [r["run_id"] for r in store.take_runs(10, 60)] == ["run_1"]
+
+
+def test_a_dropped_record_is_gone_and_never_taken(store):
+    store.put_run(record("run_1"), 0.001, 600)
+    store.drop_run("run_1")
+    time.sleep(0.01)
+    assert store.read_run("run_1") is None and store.take_runs(10, 60) == []
+
+
+def test_an_account_lists_its_own_records_newest_first(store):
+    for n in range(5):
+        store.put_run(record(f"run_{n}", created=1000.0 + n), 60, 600)
+    store.put_run(record("run_x", account="acct-b", created=2000.0), 60, 600)
+    assert [r["run_id"] for r in store.list_runs("acct-a", 3)] == ["run_4", "run_3", "run_2"]
+    assert [r["run_id"] for r in store.list_runs("acct-b", 100)] == ["run_x"]
+    assert store.list_runs("acct-c", 100) == []
+
+
 # The Redis store only
 
 
@@ -251,12 +361,19 @@ def redis_store(redis_server):
 CALLS = {
     "claim_key": lambda store: store.claim_key("scope-1", "fp", "run_1", 60),
     "read_key": lambda store: store.read_key("scope-1"),
-    "finish_key": lambda store: store.finish_key("scope-1", "run_1", ANSWER, 60),
+    "bind_key": lambda store: store.bind_key("scope-1", "run_1", 60),
     "drop_key": lambda store: store.drop_key("scope-1", "run_1"),
     "acquire_slot": lambda store: store.acquire_slot("acct-a", "run_1", 4, 60),
     "release_slot": lambda store: store.release_slot("acct-a", "run_1"),
     "renew": lambda store: store.renew([("acct-a", "run_1")], [("scope-1", "run_1")], 60),
     "ping": lambda store: store.ping(),
+    "put_run": lambda store: store.put_run(record(), 60, 600),
+    "read_run": lambda store: store.read_run("run_1"),
+    "list_runs": lambda store: store.list_runs("acct-a", 100),
+    "finish_run": lambda store: store.finish_run("run_1", "acct-a", ANSWER, 600),
+    "hold_runs": lambda store: store.hold_runs(["run_1"], 60),
+    "take_runs": lambda store: store.take_runs(10, 60),
+    "drop_run": lambda store: store.drop_run("run_1"),
 }
 
 
@@ -271,8 +388,8 @@ def test_two_stores_share_slots_and_keys(redis_server):
 
         assert first.claim_key("scope-1", "fp", "run_1", 60).new
         assert not second.claim_key("scope-1", "fp", "run_2", 60).new
-        first.finish_key("scope-1", "run_1", ANSWER, 60)
-        assert second.read_key("scope-1").answer == ANSWER
+        first.bind_key("scope-1", "run_1", 60)
+        assert second.read_key("scope-1") == (BOUND, "fp", "run_1", False)
     finally:
         first.close()
         second.close()
@@ -294,9 +411,8 @@ def test_records_are_json_and_an_idle_slot_set_expires(redis_store, redis_server
     raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         redis_store.claim_key("scope-1", "fp", "run_1", 60)
-        redis_store.finish_key("scope-1", "run_1", ANSWER, 60)
-        assert json.loads(raw.get(f"{PREFIX}key:scope-1")) == {
-            "state": DONE, "fingerprint": "fp", "run_id": "run_1", "answer": ANSWER}
+        redis_store.bind_key("scope-1", "run_1", 60)
+        assert json.loads(raw.get(f"{PREFIX}key:scope-1")) == {"state": BOUND, "fingerprint": "fp", "run_id": "run_1"}
         assert 0 < raw.pttl(f"{PREFIX}key:scope-1") <= 60_000
 
         redis_store.acquire_slot("acct-a", "short", 0, LEASE)
@@ -366,13 +482,11 @@ def test_create_store_picks_the_adapter(redis_server):
         store.close()
 
 
-def test_the_in_process_store_forgets_the_oldest_answers_past_its_bound():
-    from bus_containers_provider.state.memory import MemoryStore
-
+def test_the_in_process_store_forgets_the_oldest_bound_keys_past_its_bound():
     store = MemoryStore(max_records=3)
     for n in range(5):
         store.claim_key(f"s{n}", "f", f"r{n}", 30)
-        store.finish_key(f"s{n}", f"r{n}", {"status": 200, "body": {}, "headers": {}}, 3600)
+        store.bind_key(f"s{n}", f"r{n}", 3600)
     assert [store.read_key(f"s{n}") is not None for n in range(5)] == [False, False, True, True, True]
     store.claim_key("in-flight", "f", "r", 30)
     assert store.read_key("in-flight") is not None and store.read_key("s2") is None
@@ -414,3 +528,13 @@ def test_in_flight_records_are_kept_past_the_bound():
     store = MemoryStore(max_records=2)
     assert all(store.claim_key(f"s{n}", "fp", f"run_{n}", 30).new for n in range(3))
     assert [store.read_key(f"s{n}").run_id for n in range(3)] == ["run_0", "run_1", "run_2"]
+
+
+def test_the_in_process_store_keeps_running_records_past_its_bound():
+    store = MemoryStore(max_records=2)
+    for n in range(3):
+        store.put_run(record(f"run_{n}", created=1000.0 + n), 60, 600)
+    store.finish_run("run_0", "acct-a", ANSWER, 600)
+    store.put_run(record("run_3", created=1003.0), 60, 600)
+    assert store.read_run("run_0") is None
+    assert [store.read_run(f"run_{n}")["state"] for n in (1, 2, 3)] == [RUNNING] * 3

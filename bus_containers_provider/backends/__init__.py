@@ -1,5 +1,5 @@
 """Container backends: one interface, one adapter per --backend value."""
-from .base import Backend, RunRequest, Watch
+from .base import Backend, RunRequest
 
 
 def create_backend(settings, bus=None) -> Backend:
@@ -12,4 +12,4 @@ def create_backend(settings, bus=None) -> Backend:
     return StaticBackend()
 
 
-__all__ = ["Backend", "RunRequest", "Watch", "create_backend"]
+__all__ = ["Backend", "RunRequest", "create_backend"]

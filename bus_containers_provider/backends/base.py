@@ -29,24 +29,8 @@ class RunRequest:
         return {k: v for k, v in asdict(self).items() if v is not None and k not in ("run_id", "owner_account_id")}
 
 
-def _never() -> Optional[str]:
-    return None
-
-
-@dataclass
-class Watch:
-    """What the run flow learns while a backend carries a run out, and how it asks it to stop.
-
-    `published` turns true once the run was handed over (from then on the run
-    may execute, so its answer is remembered); `cancelled` returns a reason
-    once nobody waits for the result any more.
-    """
-
-    cancelled: Callable[[], Optional[str]] = _never
-    published: bool = False
-
-    def mark_published(self) -> None:
-        self.published = True
+# How a backend hands a run's reply over: (reply, None), or (None, the error that ended the wait).
+OnReply = Callable[[Optional[dict], Optional[Exception]], None]
 
 
 class Backend:
@@ -58,9 +42,34 @@ class Backend:
         """Every status item the backend reports for `account` (unfiltered)."""
         raise NotImplementedError
 
-    def run(self, request: RunRequest, watch: Watch) -> dict:
-        """The run's result (a run reply's fields); `watch.mark_published()` once it is handed over."""
+    def start(self, request: RunRequest, correlation_id: str, on_reply: OnReply):
+        """Hand the run over under `correlation_id`; `on_reply` is called once, maybe before this returns.
+
+        Returns a handle on the wait for the reply. Raises (and hands nothing
+        over) when the run could not be handed over.
+        """
         raise NotImplementedError
+
+    def adopt(self, correlation_id: str, on_reply: OnReply):
+        """Wait for the reply to a run another process handed over; never hands it over again."""
+        raise NotImplementedError
+
+    def result(self, reply: dict, run_id: str) -> dict:
+        """The run result a reply carries (a run reply's fields); 502 when it is malformed."""
+        raise NotImplementedError
+
+    def watch(self, handle, cancelled: Callable[[], Optional[str]]) -> None:
+        """End the wait with RunCancelled once `cancelled` returns a reason."""
+
+    def unwatch(self, handle) -> None:
+        """Stop asking `cancelled`."""
+
+    def release(self, handle) -> None:
+        """The wait is over, on every path."""
+
+    def can_adopt(self) -> bool:
+        """Whether a reply to an adopted run could reach this process now."""
+        return True
 
     def cancel(self, request: RunRequest) -> None:
         """Ask for a run nobody waits for any more to be stopped; never waits for an answer."""

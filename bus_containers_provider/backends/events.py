@@ -1,13 +1,14 @@
 """Backend that delegates every action to integration workers over the Bus Events API."""
 from marshmallow import ValidationError
 
-from ..bus import envelope_error, reply_name_for
+from ..bus import as_http, envelope_error, reply_name_for
+from ..bus.client import EventsError
 from ..errors import BadGateway, OwnerMismatch, RunNotFound
 from ..schemas import (
     _owner_from_identity, delete_result_schema, items_schema, run_result_schema, runner_delete_schema, runner_start_schema,
     runner_status_schema,
 )
-from .base import Backend, RunRequest, Watch, check_owner
+from .base import Backend, OnReply, RunRequest, check_owner
 
 STATUS = "bus.containers.status.request"
 RUN = "bus.containers.run.request"
@@ -49,9 +50,8 @@ class EventsBackend(Backend):
         self._bus = bus
         self._settings = settings
 
-    def _ask(self, request_name, payload, schema, what, timeout=None, watch=None):
-        options = {"published": watch.mark_published, "cancelled": watch.cancelled} if watch else {}
-        envelope = self._bus.request(request_name, payload, timeout or self._settings.request_timeout, **options)
+    def _ask(self, request_name, payload, schema, what):
+        envelope = self._bus.request(request_name, payload, self._settings.request_timeout)
         return reply_payload(envelope, schema, what)
 
     def status_items(self, account):
@@ -66,17 +66,44 @@ class EventsBackend(Backend):
             raise OwnerMismatch()
         return items
 
-    def run(self, request: RunRequest, watch: Watch):
+    def start(self, request: RunRequest, correlation_id: str, on_reply: OnReply):
         payload = {"run_id": request.run_id, "owner_account_id": request.owner_account_id,
                    "command": list(request.command), "max_output_bytes": self._settings.max_output_bytes}
         for key in ("profile", "image", "timeout_seconds", "env", "stdin"):
             if getattr(request, key) is not None:
                 payload[key] = getattr(request, key)
-        wait = self._settings.run_wait(request.timeout_seconds)
-        return same_run(self._ask(RUN, payload, run_result_schema,
-                                  "run",  # pragma: no mutate
-                                  timeout=wait, watch=watch),
-                        request.run_id)
+        waiter = self._bus.expect(RUN, correlation_id, _translated(on_reply))
+        try:
+            self._bus.publish(RUN, correlation_id, payload)
+        except BaseException:
+            self._bus.forget(waiter)
+            raise
+        return waiter
+
+    def adopt(self, correlation_id: str, on_reply: OnReply):
+        waiter = self._bus.expect(RUN, correlation_id, _translated(on_reply))
+        # Its reply may have come while no process waited for it: look in the stored history too.
+        self._bus.recover(RUN, [correlation_id])
+        return waiter
+
+    def result(self, reply: dict, run_id: str) -> dict:
+        return same_run(reply_payload(
+            reply, run_result_schema,
+            "run",  # pragma: no mutate
+        ), run_id)
+
+    def watch(self, handle, cancelled):
+        handle.watch(cancelled)
+
+    def unwatch(self, handle):
+        handle.unwatch()
+
+    def release(self, handle):
+        if handle is not None:
+            self._bus.forget(handle)
+
+    def can_adopt(self) -> bool:
+        return reply_name_for(RUN) not in self._bus.disconnected()
 
     def cancel(self, request: RunRequest):
         self._bus.notify(DELETE, {"run_id": request.run_id, "owner_account_id": request.owner_account_id})
@@ -109,3 +136,11 @@ class EventsBackend(Backend):
             RUNNER_DELETE, {}, runner_delete_schema,
             "runner delete",  # pragma: no mutate
         )
+
+
+def _translated(on_reply: OnReply) -> OnReply:
+    """The Events client's errors (a stream down) reach the run as the answers they are."""
+    def replied(reply, error):
+        on_reply(reply, as_http(error) if isinstance(error, EventsError) else error)
+
+    return replied

@@ -2,8 +2,8 @@
 import threading
 from collections import OrderedDict
 
-from ..errors import RunNotFound
-from .base import Backend, RunRequest, Watch
+from ..errors import RunNotFound, Unavailable
+from .base import Backend, RunRequest
 
 RUNTIME = {"state": "ready", "provider": "static"}
 # Local checks only, but a long-lived dev server must not grow without bound.
@@ -21,8 +21,17 @@ class StaticBackend(Backend):
             items = [dict(item) for item in self._runs.values()]
         return [{"id": "static", "state": "ready"}] + items
 
-    def run(self, request: RunRequest, watch: Watch):
-        watch.mark_published()
+    def start(self, request: RunRequest, correlation_id, on_reply):
+        on_reply(self._run(request), None)
+
+    def adopt(self, correlation_id, on_reply):
+        # A static run is answered as it is handed over: one still running died with its process.
+        on_reply(None, Unavailable("the process that ran this static run went away"))
+
+    def result(self, reply, run_id):
+        return reply
+
+    def _run(self, request: RunRequest) -> dict:
         result = {
             "run_id": request.run_id,
             "owner_account_id": request.owner_account_id,

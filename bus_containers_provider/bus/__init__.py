@@ -5,12 +5,14 @@ import uuid
 from typing import Callable, Dict, Optional, Tuple
 
 from .. import metrics
+from ..errors import BadGateway, ProviderError, Unavailable
 from ..logs import backend_timer
-from .client import EventsClient, EventsError, EventsRejected, ListenerDown
+from .client import EventsClient, EventsError, EventsRejected, ListenerDown, ReplyTimeout
 from .listener import Listener
-from .replies import ReplyRegistry
+from .replies import ReplyRegistry, Waiter
 
 log = logging.getLogger(__name__)
+
 
 def reply_name_for(request_name: str) -> str:
     return request_name[: -len(".request")] + ".response"
@@ -27,11 +29,20 @@ def envelope_error(envelope: dict) -> Optional[Tuple[Optional[str], Optional[str
     return (kind if isinstance(kind, str) else None), (message if isinstance(message, str) else None)
 
 
+def as_http(exc: EventsError) -> ProviderError:
+    """The answer for a failure to use the Events API: the client's errors stop at this boundary."""
+    if isinstance(exc, EventsRejected) and exc.malformed:
+        return BadGateway("the Events API refused the request as malformed")  # pragma: no mutate
+    if isinstance(exc, EventsRejected) and exc.unauthorized:
+        return Unavailable("the Events API refused the provider's credentials")  # pragma: no mutate
+    return Unavailable(str(exc))  # pragma: no mutate
+
+
 class Bus:
     """One process's side of the Events API: a listener per reply name and one waiter registry.
 
-    Failures are raised as the client's EventsError tree; the app's error
-    handler turns them into 502/503.
+    Failures are raised as ProviderErrors (502/503, see `as_http`): nothing
+    above this package sees the Events client's own errors.
     """
 
     def __init__(self, settings, client: EventsClient = None):
@@ -72,49 +83,73 @@ class Bus:
     def wait_connected(self, timeout: float) -> bool:
         return all(listener.wait_connected(timeout) for listener in self._listeners.values())
 
-    def request(self, request_name: str, payload: dict, timeout: float, *,
-                published: Optional[Callable[[], None]] = None,
-                cancelled: Optional[Callable[[], Optional[str]]] = None) -> dict:
-        """Publish `request_name` and return its reply envelope.
-
-        `published` is called once the Events API has accepted the request;
-        `cancelled` is asked while waiting, and a reason it returns ends the
-        wait with RunCancelled.
-        """
+    def request(self, request_name: str, payload: dict, timeout: float) -> dict:
+        """Publish `request_name` and return its reply envelope, waiting at most `timeout` seconds."""
         with backend_timer():
-            return self._request(request_name, payload, timeout, published, cancelled)
+            correlation_id = str(uuid.uuid4())
+            waiter = self.expect(request_name, correlation_id)
+            try:
+                started = time.perf_counter()
+                self.publish(request_name, correlation_id, payload)
+                try:
+                    envelope = waiter.wait(timeout)
+                except ReplyTimeout as exc:
+                    metrics.reply_timed_out(waiter.reply_name)
+                    raise as_http(exc) from None
+                except EventsError as exc:
+                    raise as_http(exc) from None
+                # §8: from before the publish to the reply (the worker may answer before the publish returns).
+                metrics.reply_seconds(waiter.reply_name, time.perf_counter() - started)
+                return envelope
+            finally:
+                self.registry.discard(waiter)
 
-    def notify(self, request_name: str, payload: dict) -> None:
-        """Publish without waiting for a reply (its reply, if any, finds no waiter and is dropped)."""
-        self.client.publish(request_name, str(uuid.uuid4()), payload)
+    def expect(self, request_name: str, correlation_id: str,
+               on_reply: Optional[Callable[[Optional[dict], Optional[Exception]], None]] = None) -> Waiter:
+        """Register for the reply to `correlation_id`, before its request is published.
 
-    def _request(self, request_name: str, payload: dict, timeout: float, published=None, cancelled=None) -> dict:
+        With `on_reply`, no thread waits: it is called once, with the reply
+        envelope or the error that ended the wait. Refused (503) while the
+        reply stream is not open: a reply published now would be lost.
+        """
         reply_name = reply_name_for(request_name)
         listener = self._listeners.get(reply_name)
-        # Never publish while the reply stream is closed (start-up, a reconnect):
-        # the reply would be lost and the caller would wait out the whole timeout.
         # A stream already past its down grace is refused at once, not after another grace.
         if listener is None or self.registry.is_down(reply_name) \
                 or not listener.wait_connected(self._settings.listener_down_grace):
-            raise ListenerDown(f"the {reply_name} listener is not connected")
-        correlation_id = str(uuid.uuid4())
-        waiter = self.registry.register(reply_name, correlation_id)
+            raise as_http(ListenerDown(f"the {reply_name} listener is not connected"))
         try:
-            started = time.perf_counter()
-            try:
-                self.client.publish(request_name, correlation_id, payload)
-            except EventsRejected as exc:
-                if exc.unauthorized:
-                    log.error("the Events API refused the provider's token for %s (HTTP %d)", request_name, exc.status)
-                else:
-                    log.error("%s", exc)  # pragma: no mutate
-                raise
-            except EventsError as exc:
-                log.warning("%s", exc)  # pragma: no mutate
-                raise
-            if published is not None:
-                published()
-            with metrics.reply_timer(reply_name, started):  # §8: from the publish to the reply
-                return waiter.wait(timeout, cancelled)
-        finally:
-            self.registry.discard(waiter)
+            return self.registry.register(reply_name, correlation_id, on_reply)
+        except ListenerDown as exc:
+            raise as_http(exc) from None
+
+    def publish(self, request_name: str, correlation_id: str, payload: dict) -> None:
+        try:
+            self.client.publish(request_name, correlation_id, payload)
+        except EventsRejected as exc:
+            if exc.unauthorized:
+                log.error("the Events API refused the provider's token for %s (HTTP %d)", request_name, exc.status)
+            else:
+                log.error("%s", exc)  # pragma: no mutate
+            raise as_http(exc) from None
+        except EventsError as exc:
+            log.warning("%s", exc)  # pragma: no mutate
+            raise as_http(exc) from None
+
+    def notify(self, request_name: str, payload: dict) -> None:
+        """Publish without waiting for a reply (its reply, if any, finds no waiter and is dropped)."""
+        self.publish(request_name, str(uuid.uuid4()), payload)
+
+    def recover(self, request_name: str, correlation_ids) -> None:
+        """Look for replies to `correlation_ids` in the stored history (their waiters registered first).
+
+        A request published by a process that died may have been answered while
+        no stream of ours was open; the history read runs in the background.
+        """
+        listener = self._listeners.get(reply_name_for(request_name))
+        if listener is not None:
+            listener.catch_up_later(set(correlation_ids))
+
+    def forget(self, waiter: Waiter) -> None:
+        """End a wait registered with `expect` (every path ends it)."""
+        self.registry.discard(waiter)

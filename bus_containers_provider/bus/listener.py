@@ -84,6 +84,7 @@ class Listener(threading.Thread):
         self._was_up = False
         self._readers = []
         self._catch_up_response = None
+        self._sought = set()  # correlation ids the running catch-up looks for
         self._grace_timer = None
         # Connected state, the registry's up/down mark and the grace timer change together.
         self._state_lock = threading.RLock()
@@ -164,10 +165,14 @@ class Listener(threading.Thread):
             previous.close()
             previous.join(OVERLAP_SECONDS)
             self._readers.remove(previous)
+        self.catch_up_later(missed)
+        return reader
+
+    def catch_up_later(self, missed: set) -> None:
+        """Read the stored history for `missed` correlation ids, in the background."""
         if missed and not self._stopping.is_set():
             threading.Thread(target=self._catch_up, args=(missed,), name=f"catch-up:{self.reply_name}",
                              daemon=True).start()
-        return reader
 
     def _catch_up(self, missed: set) -> None:
         """Read the stored history once for replies published while no stream of ours was open.
@@ -177,7 +182,11 @@ class Listener(threading.Thread):
         read ends as soon as none of `missed` still waits, so it is bounded by
         the longest of their deadlines.
         """
-        _shutdown(self._catch_up_response)  # a newer catch-up supersedes an older one
+        with self._state_lock:
+            # A newer catch-up supersedes an older one, and looks for what the older one still did.
+            self._sought = {cid for cid in self._sought if self._registry.any_pending((cid,))} | missed
+            missed = set(self._sought)
+        _shutdown(self._catch_up_response)
         started, read, found = time.monotonic(), 0, 0
         try:
             with new_session() as session:

@@ -70,15 +70,17 @@ class CancelWatch:
 class Waiter:
     """One request's wait for its reply; completed at most once."""
 
-    __slots__ = ("reply_name", "correlation_id", "_done", "_envelope", "_error", "_watch", "_lock")
+    __slots__ = ("reply_name", "correlation_id", "_done", "_envelope", "_error", "_watch", "_lock", "_on_reply")
 
-    def __init__(self, reply_name: str, correlation_id: str, watch: Optional[CancelWatch] = None):
+    def __init__(self, reply_name: str, correlation_id: str, watch: Optional[CancelWatch] = None,
+                 on_reply: Optional[Callable[[Optional[dict], Optional[Exception]], None]] = None):
         self.reply_name = reply_name
         self.correlation_id = correlation_id
         self._done = threading.Event()
         self._envelope = None
         self._error = None
         self._watch = watch
+        self._on_reply = on_reply
         # The listener (a reply) and the cancel watch (a caller gone) may complete it at once: the first wins.
         self._lock = threading.Lock()
 
@@ -88,7 +90,19 @@ class Waiter:
                 return False
             self._envelope, self._error = envelope, error
             self._done.set()
-            return True
+        if self._on_reply is not None:
+            try:
+                self._on_reply(envelope, error)
+            except Exception:  # the listener thread calling it must carry on with the other replies
+                log.exception("handling the %s reply for %s failed", self.reply_name, self.correlation_id)
+        return True
+
+    def watch(self, cancelled: Callable[[], Optional[str]]) -> None:
+        """Complete with RunCancelled once `cancelled` returns a reason (asked by the CancelWatch)."""
+        self._watch.add(self, cancelled)
+
+    def unwatch(self) -> None:
+        self._watch.remove(self)
 
     @property
     def answered(self) -> bool:
@@ -130,9 +144,12 @@ class ReplyRegistry:
         self._ended: "OrderedDict[str, str]" = OrderedDict()  # correlation id -> ANSWERED | EXPIRED
         self._watch = CancelWatch()
 
-    def register(self, reply_name: str, correlation_id: str) -> Waiter:
-        """Add a waiter (before publishing, so a fast reply finds it); refuse while the reply stream is down."""
-        waiter = Waiter(reply_name, correlation_id, self._watch)
+    def register(self, reply_name: str, correlation_id: str, on_reply=None) -> Waiter:
+        """Add a waiter (before publishing, so a fast reply finds it); refuse while the reply stream is down.
+
+        With `on_reply(envelope, error)` nobody needs to wait: it is called once, by whatever completes it.
+        """
+        waiter = Waiter(reply_name, correlation_id, self._watch, on_reply)
         with self._lock:
             reason = self._down.get(reply_name)
             if reason is None:

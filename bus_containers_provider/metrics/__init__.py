@@ -10,9 +10,10 @@ import logging
 import os
 import re
 import time
-from contextlib import contextmanager
+from typing import Optional
 
 from flask import g, request
+
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +100,30 @@ def _pick(value, allowed, fallback: str) -> str:
 
 # --- runs and their controls (CONTRACT §7) ------------------------------------
 
-def run_started() -> None:
-    """A run was admitted and is about to be delegated."""
+def run_started(detached: bool = False) -> None:
+    """A run was handed over (or adopted) and this process waits for its answer."""
     if (s := _series) is not None:
         s.RUNS_IN_FLIGHT.inc()
+        if detached:
+            s.RUNS_DETACHED_IN_FLIGHT.inc()
 
 
-def run_finished(status) -> None:
-    """A run started with run_started() has its answer; `status` is its §7 outcome."""
+def run_ended(detached: bool = False, status: Optional[str] = None, adopted: bool = False) -> None:
+    """A run started with run_started() no longer waits here; `status`, its §7 outcome, when this
+    process completed it (None: another process did)."""
     if (s := _series) is not None:
         s.RUNS_IN_FLIGHT.dec()
-        _run_series(_pick(status, RUN_STATUSES, "error")).inc()
+        if detached:
+            s.RUNS_DETACHED_IN_FLIGHT.dec()
+        if status is not None:
+            _run_series(_pick(status, RUN_STATUSES, "error")).inc()
+            if adopted:
+                s.RUNS_ADOPTED.inc()
 
 
 @functools.lru_cache(maxsize=None)  # one per §7 status
 def _run_series(status: str):
     return _series.RUNS.labels(status)
-
-
-def run_failed(exc: BaseException) -> None:
-    """run_finished for a run that ended in an exception: cancelled when its caller left, else error."""
-    if _series is not None:
-        from ..errors import RunCancelled
-
-        run_finished("cancelled" if isinstance(exc, RunCancelled) else "error")
 
 
 def rejected(kind: str) -> None:
@@ -139,24 +140,10 @@ def replayed() -> None:
 
 # --- the Events API -----------------------------------------------------------
 
-@contextmanager
-def reply_timer(event: str, started: float):
-    """Times one request/reply round trip on `event` (the reply name) from `started` (a perf_counter
-    reading taken before the publish: the worker may answer before the publish returns);
-    a reply timeout is counted apart."""
-    s = _series
-    if s is None:
-        yield
-        return
-    try:
-        yield
-    except Exception as exc:
-        from ..bus.client import ReplyTimeout
-
-        if isinstance(exc, ReplyTimeout):
-            s.EVENTS_REPLY_TIMEOUTS.labels(event).inc()
-        raise
-    s.EVENTS_REPLY.labels(event).observe(time.perf_counter() - started)
+def reply_timed_out(event: str) -> None:
+    """A request on `event` (the reply name) got no reply within its wait."""
+    if (s := _series) is not None:
+        s.EVENTS_REPLY_TIMEOUTS.labels(event).inc()
 
 
 def reply_seconds(event: str, seconds: float) -> None:

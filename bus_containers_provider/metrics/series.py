@@ -23,6 +23,12 @@ RUNS_IN_FLIGHT = Gauge(
     "bus_containers_runs_in_flight", "Runs started and not yet answered, over every worker.",
     multiprocess_mode="livesum")
 RUNS = Counter("bus_containers_runs_total", "Runs answered, by outcome status (CONTRACT §7).", ("status",))
+# §9: records running with no request thread waiting, and records completed by a process that adopted them.
+RUNS_DETACHED_IN_FLIGHT = Gauge(
+    "bus_containers_runs_detached_in_flight", "Run records running without a foreground caller, over every worker.",
+    multiprocess_mode="livesum")
+RUNS_ADOPTED = Counter(
+    "bus_containers_runs_adopted_total", "Run records completed by a process that did not publish them.")
 RUN_REJECTIONS = Counter(
     "bus_containers_run_rejections_total",
     "Runs refused by the run controls: too_many_runs (429), conflict (409), "

@@ -10,7 +10,8 @@ from ..backends import RunRequest
 from ..controls import caller_gone, parse_key
 from ..errors import BadRequest, RunNotFound, UnsupportedMediaType
 from ..logs import new_id
-from ..schemas import RUN_ID, delete_result_schema, items_schema, run_request_schema, status_item_schema
+from ..prefer import parse_prefer
+from ..schemas import RUN_ID, delete_result_schema, items_schema, run_item_schema, run_items_schema, run_request_schema
 
 bp = Blueprint("runs", __name__, url_prefix="/api/v1/containers")
 
@@ -57,7 +58,7 @@ def status():
 @bp.post("/runs")
 @requires("container:run")
 def create_run():
-    """Run one container in the foreground and answer with its result (or, for a retried key, the first answer)."""
+    """Run one container: its result, or with Prefer: respond-async its item at once (a retried key: the first answer)."""
     key = parse_key(request.headers.get("Idempotency-Key"))
     try:
         body = run_request_schema.load(_json_object())
@@ -69,7 +70,7 @@ def create_run():
         raise BadRequest(f"timeout_seconds must be at most {int(limit)}")
     run = RunRequest(run_id=f"run_{new_id()}", owner_account_id=g.principal.account, **body)
     g.run_id = run.run_id  # for the request log line
-    answer = provider.run(run, key, caller_gone(request.environ))
+    answer = provider.run(run, key, caller_gone(request.environ), parse_prefer(request.headers.getlist("Prefer")))
     response = jsonify(answer.body)
     response.status_code = answer.status
     response.headers.update(answer.headers)
@@ -84,18 +85,20 @@ def create_run():
 @requires("container:read")
 def list_runs():
     """The caller's runs."""
-    return items_schema.dump({"items": _provider().backend.runs(g.principal.account)})
+    return run_items_schema.dump({"items": _provider().list_runs(g.principal.account)})
 
 
 @bp.get("/runs/<run_id>")
 @requires("container:read")
 def read_run(run_id):
-    """One of the caller's runs; another account's run id is not found."""
-    return status_item_schema.dump(_provider().backend.get_run(g.principal.account, _run_id(run_id)))
+    """One of the caller's runs (with Prefer: wait=N, once it finishes); another account's run id is not found."""
+    wait = parse_prefer(request.headers.getlist("Prefer")).wait
+    shown, headers = _provider().read_run(g.principal.account, _run_id(run_id), wait)
+    return run_item_schema.dump(shown), 200, headers
 
 
 @bp.delete("/runs/<run_id>")
 @requires("container:delete")
 def delete_run(run_id):
     """Delete or cancel one of the caller's runs."""
-    return delete_result_schema.dump(_provider().backend.delete(g.principal.account, _run_id(run_id)))
+    return delete_result_schema.dump(_provider().delete_run(g.principal.account, _run_id(run_id)))

@@ -1,21 +1,23 @@
-"""The shared-state store interface: idempotency records, account run slots and the usage outbox, all leased.
+"""The shared-state store interface: idempotency keys, account run slots, the usage outbox and run records.
 
-Everything here is atomic per call. Leases carry an expiry, so what a dead
-process held frees itself once the expiry passes; the live holder renews.
-Every method raises errors.StateUnavailable when the store cannot be reached.
+Everything here is atomic per call. Slots, outbox records and run records are
+held under one kind of lease (an id with an expiry: a sorted set scored by
+expiry in Redis), so what a dead process held frees itself once the expiry
+passes and the next process takes it; the live holder renews. Every method
+raises errors.StateUnavailable when the store cannot be reached.
 """
 from typing import Iterable, List, NamedTuple, Optional, Protocol, Tuple
 
-IN_FLIGHT, DONE = "in_flight", "done"
+IN_FLIGHT, BOUND = "in_flight", "bound"
+RUNNING, FINISHED = "running", "finished"
 
 
 class Claim(NamedTuple):
-    """An idempotency record: who holds the key, for which body, and the answer once there is one."""
+    """An idempotency record: which run holds the key, for which body; the answer is in the run's record."""
 
-    state: str  # IN_FLIGHT or DONE
+    state: str  # IN_FLIGHT (its run not handed over yet: leased) or BOUND (to the run record of `run_id`)
     fingerprint: str
     run_id: str
-    answer: Optional[dict] = None  # {"status": int, "body": dict, "headers": {name: value}} when DONE
     new: bool = False  # True when this very call created the record
 
 
@@ -30,11 +32,11 @@ class StateStore(Protocol):
     def read_key(self, scope: str) -> Optional[Claim]:
         """The record for `scope`, or None when there is none (never made, expired or dropped)."""
 
-    def finish_key(self, scope: str, run_id: str, answer: dict, ttl: float) -> None:
-        """Store the answer for `ttl` seconds, if the record is still `run_id`'s."""
+    def bind_key(self, scope: str, run_id: str, ttl: float) -> None:
+        """Point the key at `run_id`'s run record for `ttl` seconds, no longer leased (its run is handed over)."""
 
     def drop_key(self, scope: str, run_id: str) -> None:
-        """Forget an in-flight record of `run_id`'s (its answer is not to be remembered)."""
+        """Forget `run_id`'s record, in flight or bound (its answer is not to be remembered)."""
 
     def acquire_slot(self, account: str, run_id: str, limit: int, lease: float) -> Tuple[bool, int]:
         """Take one of `account`'s run slots unless `limit` are held; (taken, held including this one)."""
@@ -63,6 +65,39 @@ class StateStore(Protocol):
 
     def outbox_done(self, event_id: str) -> None:
         """Forget a record that was recorded; forgetting one that is not kept does nothing."""
+
+    # Run records (CONTRACT §9): a JSON object per run_id with `state` RUNNING, then FINISHED
+    # and its `answer`; a running record is leased by the process that completes it.
+
+    def put_run(self, record: dict, lease: float, ttl: float) -> None:
+        """Keep a new running record for `ttl` seconds, held by the caller for `lease` seconds."""
+
+    def read_run(self, run_id: str) -> Optional[dict]:
+        """The record of `run_id`, deleted ones too (`forgotten`), or None (never made, expired, dropped)."""
+
+    def list_runs(self, account: str, limit: int) -> List[dict]:
+        """`account`'s records, the `limit` newest, newest first."""
+
+    def finish_run(self, run_id: str, account: str, answer: dict, keep: float,
+                   forget: bool = False) -> Optional[dict]:
+        """Finish `account`'s running record with `answer`, kept `keep` seconds (0: not at all) and unleased.
+
+        Returns the finished record when this very call finished it, None when
+        it was finished already or is gone: exactly one caller completes a run.
+        `forget` hides it from reads and lists (a deleted run) while it is kept.
+        """
+
+    def drop_run(self, run_id: str) -> None:
+        """Forget a record whose run was never handed over."""
+
+    def hold_runs(self, run_ids: Iterable[str], lease: float) -> List[str]:
+        """Extend the caller's leases on running records (lease 0: give them up to whoever takes them).
+
+        Returns the run ids no longer leased: finished (or gone) meanwhile.
+        """
+
+    def take_runs(self, limit: int, lease: float, run_id: Optional[str] = None) -> List[dict]:
+        """Up to `limit` running records whose lease has passed (or just `run_id`'s), now held by the caller."""
 
     def ping(self) -> None:
         """Return when the store answers; raise StateUnavailable when it does not."""

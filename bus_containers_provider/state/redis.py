@@ -7,6 +7,7 @@ expiry is reckoned on the server's clock (TIME, PX), so the clocks of the
 provider hosts never matter.
 """
 import contextlib
+import hashlib
 import json
 import logging
 
@@ -15,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import StateUnavailable
-from .base import IN_FLIGHT, Claim
+from .base import IN_FLIGHT, RUNNING, Claim
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,14 @@ end
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS[1] record; ARGV[1] run_id, ARGV[2] answer JSON, ARGV[3] ttl ms.
-# The answer is spliced in as sent: decoding and re-encoding it with cjson
-# would turn an empty list into an empty object.
-FINISH_KEY = """
+# KEYS[1] record; ARGV[1] run_id, ARGV[2] ttl ms. The key now points at its run record.
+BIND_KEY = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 local record = cjson.decode(current)
 if record.run_id ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], '{"state":"done","fingerprint":' .. cjson.encode(record.fingerprint) ..
-  ',"run_id":' .. cjson.encode(record.run_id) .. ',"answer":' .. ARGV[2] .. '}', 'PX', ARGV[3])
+record.state = 'bound'
+redis.call('SET', KEYS[1], cjson.encode(record), 'PX', ARGV[2])
 return 1
 """
 
@@ -63,8 +62,17 @@ DROP_KEY = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 local record = cjson.decode(current)
-if record.run_id ~= ARGV[1] or record.state ~= 'in_flight' then return 0 end
+if record.run_id ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
+"""
+
+# The one lease: an id in a sorted set scored by its expiry (ms, server clock). A live holder
+# extends it (XX: what is gone stays gone); once the score passes, whoever asks next takes it.
+_LEASES = _NOW + """
+local function lease(set, id, ms) redis.call('ZADD', set, now + ms, id) end
+local function hold(set, id, ms) return redis.call('ZADD', set, 'XX', 'CH', now + ms, id) end
+local function due(set, limit) return redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit) end
+local function sweep(set) redis.call('ZREMRANGEBYSCORE', set, '-inf', now) end
 """
 
 # The slot set lives as long as its longest lease, so an idle account leaves nothing behind.
@@ -75,30 +83,30 @@ local function expire_slots(key)
 end
 """
 
-# KEYS[1] the account's slot set (run_id scored by lease expiry, ms);
+# KEYS[1] the account's slot set (a lease per run_id);
 # ARGV[1] run_id, ARGV[2] limit (0 = none), ARGV[3] lease ms. {taken 0/1, held}.
-ACQUIRE_SLOT = _NOW + _EXPIRE_SLOTS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+ACQUIRE_SLOT = _LEASES + _EXPIRE_SLOTS + """
+sweep(KEYS[1])
 local held = redis.call('ZCARD', KEYS[1])
 local limit = tonumber(ARGV[2])
 if limit > 0 and held >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return {0, held}
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+lease(KEYS[1], ARGV[1], tonumber(ARGV[3]))
 expire_slots(KEYS[1])
 return {1, redis.call('ZCARD', KEYS[1])}
 """
 
 # KEYS: ARGV[2] slot sets, then records; ARGV[1] lease ms, ARGV[3…] one run_id per key.
 # Only live leases are extended: an expired one is gone, as if already swept.
-RENEW = _NOW + _EXPIRE_SLOTS + """
-local lease = tonumber(ARGV[1])
+RENEW = _LEASES + _EXPIRE_SLOTS + """
+local ms = tonumber(ARGV[1])
 local slots = tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
   local run_id = ARGV[i + 2]
   if i <= slots then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZADD', key, 'XX', 'CH', now + lease, run_id) == 1 then
+    sweep(key)
+    if hold(key, run_id, ms) == 1 then
       expire_slots(key)
     end
   else
@@ -106,7 +114,7 @@ for i, key in ipairs(KEYS) do
     if current then
       local record = cjson.decode(current)
       if record.run_id == run_id and record.state == 'in_flight' then
-        redis.call('PEXPIRE', key, lease)
+        redis.call('PEXPIRE', key, ms)
       end
     end
   end
@@ -114,33 +122,30 @@ end
 return 0
 """
 
-
-# The usage outbox: a hash of records by event_id, and a sorted set of the same
-# event_ids scored by lease expiry (ms); a record is takeable once its score passes.
-# KEYS[1] hash, KEYS[2] leases; ARGV[1] event_id, ARGV[2] record JSON, ARGV[3] lease ms.
-OUTBOX_PUT = _NOW + """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-return 0
+# KEYS[1] leases; ARGV[1] lease ms, ARGV[2…] ids. Outbox records and run records alike.
+HOLD = _LEASES + """
+local missing = {}
+for i = 2, #ARGV do
+  if hold(KEYS[1], ARGV[i], tonumber(ARGV[1])) == 0 then table.insert(missing, ARGV[i]) end
+end
+return missing
 """
 
-# KEYS[1] leases; ARGV[1] lease ms, ARGV[2…] event_ids. XX: a record already done stays done.
-OUTBOX_HOLD = _NOW + """
-local expiry = now + tonumber(ARGV[1])
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
-end
+# The usage outbox: a hash of records by event_id, and their leases.
+# KEYS[1] hash, KEYS[2] leases; ARGV[1] event_id, ARGV[2] record JSON, ARGV[3] lease ms.
+OUTBOX_PUT = _LEASES + """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+lease(KEYS[2], ARGV[1], tonumber(ARGV[3]))
 return 0
 """
 
 # KEYS[1] hash, KEYS[2] leases; ARGV[1] limit, ARGV[2] lease ms. The records taken, as JSON.
-OUTBOX_TAKE = _NOW + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+OUTBOX_TAKE = _LEASES + """
 local taken = {}
-for _, event_id in ipairs(due) do
+for _, event_id in ipairs(due(KEYS[2], tonumber(ARGV[1]))) do
   local record = redis.call('HGET', KEYS[1], event_id)
   if record then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), event_id)
+    lease(KEYS[2], event_id, tonumber(ARGV[2]))
     table.insert(taken, record)
   else
     redis.call('ZREM', KEYS[2], event_id)
@@ -157,6 +162,70 @@ return 0
 """
 OUTBOX = [f"{PREFIX}outbox:records", f"{PREFIX}outbox:leases"]
 
+# Run records: a string key per run (JSON that starts with its state, so a script can read
+# and change the state without decoding: cjson would turn an empty list into an object),
+# their leases, and a sorted set per account of its run ids by creation time.
+RUNNING_HEAD = '{"state":"running"'
+FINISHED_HEAD = '{"state":"finished"'
+RUN_LEASES = f"{PREFIX}runs:leases"
+# The newest run ids listed per account (the list shows the 100 newest).
+INDEX_CAP = 1000
+
+# KEYS[1] record, KEYS[2] leases, KEYS[3] account index;
+# ARGV[1] run_id, ARGV[2] record JSON, ARGV[3] lease ms, ARGV[4] ttl ms, ARGV[5] created ms.
+PUT_RUN = _LEASES + f"""
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+lease(KEYS[2], ARGV[1], tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -{INDEX_CAP + 1})
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+return 0
+"""
+
+# KEYS[1] record, KEYS[2] leases, KEYS[3] account index;
+# ARGV[1] run_id, ARGV[2] answer JSON, ARGV[3] keep ms (0: not kept), ARGV[4] "1" to forget.
+# The finished record when this call finished it, else nil: one completion per run.
+FINISH_RUN = f"""
+local current = redis.call('GET', KEYS[1])
+if not current or string.sub(current, 1, {len(RUNNING_HEAD)}) ~= '{RUNNING_HEAD}' then
+  return false
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local forget = ''
+if ARGV[4] == '1' then forget = ',"forgotten":true' end
+local finished = '{FINISHED_HEAD}' .. string.sub(current, {len(RUNNING_HEAD) + 1}, -2) ..
+  ',"answer":' .. ARGV[2] .. forget .. '}}'
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], finished, 'PX', ARGV[3])
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
+else
+  redis.call('DEL', KEYS[1])
+end
+return finished
+"""
+
+# KEYS[1] leases; ARGV[1] limit, ARGV[2] lease ms, ARGV[3] record key prefix, ARGV[4] one run_id or "".
+TAKE_RUNS = _LEASES + f"""
+local ids = {{}}
+if ARGV[4] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[4])
+  if score and tonumber(score) <= now then ids = {{ARGV[4]}} end
+else
+  ids = due(KEYS[1], tonumber(ARGV[1]))
+end
+local taken = {{}}
+for _, id in ipairs(ids) do
+  local record = redis.call('GET', ARGV[3] .. id)
+  if record and string.sub(record, 1, {len(RUNNING_HEAD)}) == '{RUNNING_HEAD}' then
+    lease(KEYS[1], id, tonumber(ARGV[2]))
+    table.insert(taken, record)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return taken
+"""
+
 
 def _ms(seconds: float) -> int:
     # PX 0 is an error, and a lease never rounds down to nothing.
@@ -171,9 +240,21 @@ def _slots(account: str) -> str:
     return f"{PREFIX}slots:{account}"
 
 
+def _run(run_id: str) -> str:
+    return f"{PREFIX}run:{run_id}"
+
+
+def _index(account: str) -> str:
+    return f"{PREFIX}runs:account:{hashlib.sha256(account.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
 def _record(value: str) -> Claim:
     data = json.loads(value)
-    return Claim(data["state"], data["fingerprint"], data["run_id"], data.get("answer"))
+    return Claim(data["state"], data["fingerprint"], data["run_id"])
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 @contextlib.contextmanager
@@ -205,12 +286,15 @@ class RedisStore:
             decode_responses=True,
         )
         self._claim = self._client.register_script(CLAIM_KEY)
-        self._finish = self._client.register_script(FINISH_KEY)
+        self._bind = self._client.register_script(BIND_KEY)
         self._drop = self._client.register_script(DROP_KEY)
         self._acquire = self._client.register_script(ACQUIRE_SLOT)
         self._renew = self._client.register_script(RENEW)
         self._outbox_put = self._client.register_script(OUTBOX_PUT)
-        self._outbox_hold = self._client.register_script(OUTBOX_HOLD)
+        self._hold = self._client.register_script(HOLD)
+        self._put_run = self._client.register_script(PUT_RUN)
+        self._finish_run = self._client.register_script(FINISH_RUN)
+        self._take_runs = self._client.register_script(TAKE_RUNS)
         self._outbox_take = self._client.register_script(OUTBOX_TAKE)
         self._outbox_done = self._client.register_script(OUTBOX_DONE)
 
@@ -232,9 +316,9 @@ class RedisStore:
             value = self._client.get(_key(scope))
             return None if value is None else _record(value)
 
-    def finish_key(self, scope, run_id, answer, ttl):
+    def bind_key(self, scope, run_id, ttl):
         with _reachable():
-            self._finish(keys=[_key(scope)], args=[run_id, json.dumps(answer, separators=(",", ":")), _ms(ttl)])
+            self._bind(keys=[_key(scope)], args=[run_id, _ms(ttl)])
 
     def drop_key(self, scope, run_id):
         with _reachable():
@@ -266,7 +350,7 @@ class RedisStore:
         event_ids = list(event_ids)
         if event_ids:
             with _reachable():
-                self._outbox_hold(keys=OUTBOX[1:], args=[_ms(lease), *event_ids])
+                self._hold(keys=OUTBOX[1:], args=[_ms(lease), *event_ids])
 
     def outbox_take(self, limit, lease):
         with _reachable():
@@ -275,6 +359,54 @@ class RedisStore:
     def outbox_done(self, event_id):
         with _reachable():
             self._outbox_done(keys=OUTBOX, args=[event_id])
+
+    def put_run(self, record, lease, ttl):
+        # The state first: the scripts read it from the head of the JSON.
+        value = _json({"state": RUNNING, **{k: v for k, v in record.items() if k != "state"}})
+        with _reachable():
+            self._put_run(keys=[_run(record["run_id"]), RUN_LEASES, _index(record["owner_account_id"])],
+                          args=[record["run_id"], value, _ms(lease), _ms(ttl), int(record["created"] * 1000)])
+
+    def read_run(self, run_id):
+        with _reachable():
+            value = self._client.get(_run(run_id))
+            return None if value is None else json.loads(value)
+
+    def list_runs(self, account, limit):
+        index = _index(account)
+        with _reachable():
+            # A few more than asked: some may have expired or been deleted since they were indexed.
+            run_ids = self._client.zrevrange(index, 0, limit + 50)
+            values = self._client.mget([_run(run_id) for run_id in run_ids]) if run_ids else []
+            gone = [run_id for run_id, value in zip(run_ids, values) if value is None]
+            if gone:
+                self._client.zrem(index, *gone)
+            records = [json.loads(value) for value in values if value is not None]
+        return [record for record in records if not record.get("forgotten")][:limit]
+
+    def finish_run(self, run_id, account, answer, keep, forget=False):
+        with _reachable():
+            value = self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account)],
+                                     args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0"])
+            return None if value is None else json.loads(value)
+
+    def drop_run(self, run_id):
+        with _reachable():
+            self._client.delete(_run(run_id))
+            self._client.zrem(RUN_LEASES, run_id)
+
+    def hold_runs(self, run_ids, lease):
+        run_ids = list(run_ids)
+        if not run_ids:
+            return []
+        with _reachable():
+            # A lease of 0 gives the records up: takeable at once.
+            return self._hold(keys=[RUN_LEASES], args=[max(0, int(lease * 1000)), *run_ids])
+
+    def take_runs(self, limit, lease, run_id=None):
+        with _reachable():
+            taken = self._take_runs(keys=[RUN_LEASES], args=[int(limit), _ms(lease), _run(""), run_id or ""])
+            return [json.loads(record) for record in taken]
 
     def ping(self):
         with _reachable():
