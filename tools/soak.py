@@ -10,7 +10,8 @@ alternating between the providers:
 - detached clients post it with `Prefer: respond-async` (CONTRACT §9; a
   quarter also ask `wait=2`), then collect it from the run record, half by
   polling `GET /runs/{run_id}` (honouring `Retry-After`, capped) and half by
-  `Prefer: wait=N` long-polls, until the item is `finished`.
+  `Prefer: wait=N` long-polls, until the item is `finished` with its result
+  (or error).
 
 Every result must be the client's own (owner, run id, stdout echoing its
 nonce). On a schedule, one fault every 10 s: the Events API down 5 s (history
@@ -343,15 +344,18 @@ class Client:
                 continue
             item = json_of(response) if response.status_code == 200 else {}
             if item.get("state") == "finished" and item.get("id") == run.run_id:
-                run.collected_by = how
                 if isinstance(item.get("result"), dict):
+                    run.collected_by = how
                     return run.take_result(item["result"])
-                run.outcome = "error"
-                return
-            if response.status_code not in (200, 503):
-                return  # a lost record (404) or a refusal: noted as a stray, not retried
-            # A wait that came back early (no capacity, or cut short) is retried at once.
-            if how == "poll" or response.status_code == 503:
+                if isinstance(item.get("error"), dict):
+                    run.collected_by, run.outcome = how, "error"
+                    return
+            # Anything else is read again until the deadline: a wrong answer (a 404, a finished item
+            # without its result) is already noted as a stray; going on tells whether the run was lost.
+            # A long-poll that was granted its wait is sent again at once; one answered at once
+            # (no capacity to hold it) honours Retry-After like a poll, so it cannot spin.
+            granted = "wait=" in response.headers.get("Preference-Applied", "")
+            if how == "poll" or response.status_code != 200 or not granted:
                 time.sleep(retry_after(response))
 
     def close(self):
