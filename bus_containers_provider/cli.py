@@ -2,24 +2,34 @@
 import argparse
 import os
 import sys
+import textwrap
 
 from .config import (
     BACKENDS, BILLING_BACKENDS, PUBLIC_AUDIENCE, USAGE_BACKENDS, ConfigError, load_secret, load_settings,
     parse_duration,
 )
+from .values import BOOLEAN_SYNTAX, DURATION_SYNTAX
 
 PROG = "bus-api-provider-containers"
 
-ENVIRONMENT_HELP = """\
+
+def _wrapped(name: str, text: str) -> str:
+    return textwrap.fill(text, width=94, initial_indent=f"  {name:<10}", subsequent_indent=" " * 12)
+
+
+ENVIRONMENT_HELP = f"""\
 environment:
   BUS_CONTAINERS_JWT_SECRET       HS256 key for caller tokens (both audiences), at least
                                   32 bytes; 'base64:XYZ' is decoded. Fallback: BUS_API_JWT_SECRET
   BUS_API_TOKEN                   the provider's bearer token for the Events API (needed by
                                   any events backend; never pass it as a flag)
-  BUS_EVENTS_LISTENER_REQUIRED=1  readiness waits for every reply listener
-  BUS_EVENTS_LISTENER_RETRY=1     reconnect reply listeners with exponential backoff between
+  BUS_EVENTS_TOKEN_FILE           a file holding that token, which wins over BUS_API_TOKEN; read
+                                  again when it changes or the Events API answers 401 or 403
+  BUS_EVENTS_LISTENER_REQUIRED    BOOLEAN: readiness waits for every reply listener (default off)
+  BUS_EVENTS_LISTENER_RETRY       BOOLEAN: reconnect reply listeners with exponential backoff
+                                  (default off) between
   BUS_EVENTS_LISTENER_RETRY_MIN   (default 1s) and
-  BUS_EVENTS_LISTENER_RETRY_MAX   (default 30s)
+  BUS_EVENTS_LISTENER_RETRY_MAX   (default 30s); a stream refused with 401 or 403 waits the most
   BUS_EVENTS_LISTENER_DOWN_GRACE  how long waiting requests survive a dropped reply stream
                                   before failing 503 (default 3s)
   BUS_CONTAINERS_SHUTDOWN_GRACE   on SIGTERM, how long in-flight runs may finish (default 60s)
@@ -28,6 +38,10 @@ environment:
   BUS_CONTAINERS_RESERVED_THREADS request threads per worker that runs never take, kept for
                                   status, reads, deletes and /readyz (default threads/8, at least 2)
   Every flag also reads the variable named in its help; the flag wins.
+
+values:
+{_wrapped("DURATION", DURATION_SYNTAX)}
+{_wrapped("BOOLEAN", BOOLEAN_SYNTAX)}
 
 commands:
   token   mint a local development token: %(prog)s token --subject ACCOUNT --scope "..."

@@ -3,8 +3,10 @@ import base64
 import binascii
 import dataclasses
 import os
-import re
 from typing import Mapping, Optional
+
+from .credentials import TokenFileError, read_token_file
+from .values import parse_bool, parse_duration
 
 PUBLIC_AUDIENCE = "ai.hg.fi/api"
 INTERNAL_AUDIENCE = "ai.hg.fi/internal"
@@ -25,20 +27,9 @@ DEFAULT_RUN_RETENTION = 24 * 3600.0
 DEFAULT_MAX_WAIT = 30.0
 STATE_SCHEMES = ("redis://", "rediss://")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
-
 
 class ConfigError(ValueError):
     """A setting is missing or has a value the provider cannot run with."""
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in `1500ms`, `30s`, `5m`, `1h`, or a bare number of seconds."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a duration (use 1500ms, 30s, 5m, 1h or seconds)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def decode_secret(value: str) -> bytes:
@@ -67,6 +58,8 @@ class Settings:
     workers: Optional[int] = None
     threads: int = 32
     api_token: Optional[str] = dataclasses.field(default=None, repr=False)
+    # A file holding the Events token instead; it wins over api_token (credentials.py reads it).
+    events_token_file: Optional[str] = None
     listener_required: bool = False
     listener_retry: bool = False
     listener_retry_min: float = 1.0
@@ -132,8 +125,13 @@ class Settings:
             raise ConfigError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes (RFC 8725 §3.5)")
         if self.uses_events and not self.events_url:
             raise ConfigError("an events backend needs --events-url (or BUS_EVENTS_API_URL)")
-        if self.uses_events and not self.api_token:
-            raise ConfigError("an events backend needs BUS_API_TOKEN in the environment")
+        if self.uses_events and self.events_token_file:
+            try:
+                read_token_file(self.events_token_file)
+            except TokenFileError as exc:
+                raise ConfigError(f"BUS_EVENTS_TOKEN_FILE: {exc}") from None
+        elif self.uses_events and not self.api_token:
+            raise ConfigError("an events backend needs BUS_API_TOKEN (or BUS_EVENTS_TOKEN_FILE) in the environment")
         for flag, value in (("--workers", self.workers), ("--threads", self.threads),
                             ("--max-output-bytes", self.max_output_bytes)):
             if value is not None and value < 1:
@@ -157,8 +155,6 @@ class Settings:
             raise ConfigError("BUS_EVENTS_LISTENER_RETRY_MAX must not be below BUS_EVENTS_LISTENER_RETRY_MIN")
         if self.shutdown_grace < 0:
             raise ConfigError("BUS_CONTAINERS_SHUTDOWN_GRACE must not be negative")
-        if self.max_wait < 0:
-            raise ConfigError("--max-wait must not be negative")
         if self.state_url is not None and not self.state_url.startswith(STATE_SCHEMES):
             raise ConfigError("--state-url (BUS_CONTAINERS_STATE_URL) must be a redis:// or rediss:// URL")
         _host_port(self.addr)
@@ -210,8 +206,9 @@ ENVIRONMENT = {
     "BUS_CONTAINERS_WORKERS": ("workers", int),
     "BUS_CONTAINERS_THREADS": ("threads", int),
     "BUS_API_TOKEN": ("api_token", str),
-    "BUS_EVENTS_LISTENER_REQUIRED": ("listener_required", lambda v: v.strip() == "1"),
-    "BUS_EVENTS_LISTENER_RETRY": ("listener_retry", lambda v: v.strip() == "1"),
+    "BUS_EVENTS_TOKEN_FILE": ("events_token_file", str),
+    "BUS_EVENTS_LISTENER_REQUIRED": ("listener_required", parse_bool),
+    "BUS_EVENTS_LISTENER_RETRY": ("listener_retry", parse_bool),
     "BUS_EVENTS_LISTENER_RETRY_MIN": ("listener_retry_min", parse_duration),
     "BUS_EVENTS_LISTENER_RETRY_MAX": ("listener_retry_max", parse_duration),
     "BUS_EVENTS_LISTENER_DOWN_GRACE": ("listener_down_grace", parse_duration),
@@ -250,7 +247,8 @@ def load_settings(env: Optional[Mapping[str, str]] = None, **overrides) -> Setti
     values = {}
     for variable, (field, parse) in ENVIRONMENT.items():
         raw = env.get(variable)
-        if raw is None or raw == "":
+        # Empty is unset for text; a duration, switch or number left empty is refused like any bad value.
+        if raw is None or (raw == "" and parse is str):
             continue
         try:
             values[field] = parse(raw)

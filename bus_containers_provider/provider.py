@@ -94,6 +94,8 @@ class Provider:
         key = controls.claim(account, idempotency_key, body_fingerprint, run.run_id)
         gone = self._cancelled(caller_gone)
         detached = prefer.respond_async
+        if key.bound is not None and self._answered(key, prefer):
+            return self._again(key, run, prefer, gone)  # a replay holds no thread for long: no capacity needed
         # A foreground run (or a retry waiting for one) holds a thread for the run's life: it needs capacity.
         refusal = controls.busy(key) if key.holder or key.bound else None
         with nullcontext() if detached else controls.capacity.hold(refusal=refusal):
@@ -127,6 +129,11 @@ class Provider:
         except BaseException:
             controls.forget(key, run.run_id)
             raise
+
+    def _answered(self, key, prefer: Preferences) -> bool:
+        """Whether a retry of a handed-over run is answered at once (nothing to wait for in the foreground)."""
+        record = self.records.read(key.bound)
+        return record is None or record["state"] == FINISHED or record["detached"] or prefer.respond_async
 
     def _again(self, key, run: RunRequest, prefer: Preferences, gone) -> Answer:
         """A retry of a key whose run was handed over: that run's answer, never a second run."""

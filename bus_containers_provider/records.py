@@ -202,7 +202,15 @@ class RunRecords:
         live.reply = (reply, error)
         live.replied.set()
         if not live.attached:
-            self._completer().submit(self._complete, live)
+            self._completer().submit(self._complete_logged, live)
+
+    def _complete_logged(self, live: Live) -> None:
+        try:
+            self._complete(live)
+        except StateUnavailable as exc:
+            log.warning("run %s: %s; it is completed once the store answers", live.run_id, exc)  # pragma: no mutate
+        except Exception:  # a bug must not vanish into a future nobody reads
+            log.exception("completing run %s failed", live.run_id)  # pragma: no mutate
 
     def _completer(self) -> ThreadPoolExecutor:
         with self._lock:

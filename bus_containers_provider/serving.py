@@ -76,7 +76,7 @@ def gunicorn_options(settings) -> dict:
             log.warning("the static backend keeps runs per process; with %d workers callers "
                         "see a different run list per worker", settings.effective_workers)
         if settings.uses_events and plain_http_off_host(settings.events_url):
-            log.warning("the Events API URL %s is plain http to another host: BUS_API_TOKEN and every "
+            log.warning("the Events API URL %s is plain http to another host: the provider's Events token and every "
                         "run's payload cross the network unencrypted; use https", settings.events_url)
 
     return {

@@ -1,4 +1,5 @@
 """The console script and gunicorn.conf.py: flags, start-up errors, and serving over real sockets."""
+import re
 import subprocess
 import sys
 
@@ -6,7 +7,9 @@ import pytest
 import requests
 
 from conftest import SECRET, bearer
-from processes import SCRIPT, console_script, gunicorn_conf, provider_env
+from processes import ROOT, SCRIPT, console_script, gunicorn_conf, provider_env
+
+from bus_containers_provider.config import load_settings
 
 
 def run_script(*args, **env_overrides):
@@ -48,12 +51,54 @@ def test_help_documents_every_flag_and_variable():
     (["--backend", "events"], {}, "--events-url"),
     (["--backend", "events", "--events-url", "http://127.0.0.1:9"], {}, "BUS_API_TOKEN"),
     (["--usage-backend", "events"], {}, "--events-url"),
+    (["--request-timeout", "5x"], {}, "--request-timeout"),
+    (["--run-timeout-grace=1h30"], {}, "--run-timeout-grace"),
+    (["--max-run-timeout=-1s"], {}, "--max-run-timeout"),
+    (["--idempotency-ttl="], {}, "--idempotency-ttl"),
+    ([], {"BUS_CONTAINERS_IDEMPOTENCY_TTL": "1d"}, "BUS_CONTAINERS_IDEMPOTENCY_TTL"),
+    ([], {"BUS_EVENTS_LISTENER_RETRY_MAX": ""}, "BUS_EVENTS_LISTENER_RETRY_MAX"),
+    ([], {"BUS_EVENTS_LISTENER_RETRY": "maybe"}, "BUS_EVENTS_LISTENER_RETRY"),
+    ([], {"BUS_EVENTS_LISTENER_REQUIRED": "2"}, "BUS_EVENTS_LISTENER_REQUIRED"),
+    ([], {"BUS_EVENTS_LISTENER_REQUIRED": " "}, "BUS_EVENTS_LISTENER_REQUIRED"),
 ])
 def test_bad_configuration_fails_at_start_with_exit_2(args, env, named):
     result = run_script(*args, **env)
     assert result.returncode == 2
     assert named in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+    if "LISTENER_RE" in named and "RETRY_MAX" not in named:
+        assert "1, true, yes, on or 0, false, no, off (any case)" in result.stderr
+    elif "TIMEOUT" in named or "TTL" in named or "GRACE" in named or "RETRY_MAX" in named:
+        assert "Go's duration syntax" in result.stderr
+
+
+def test_duration_flags_read_go_durations():
+    from bus_containers_provider.cli import _serve_parser
+
+    args = _serve_parser().parse_args(["--request-timeout", "1m30s", "--run-timeout-grace", "1500ms",
+                                       "--max-run-timeout", "1.5h", "--idempotency-ttl", "2h45m30.5s"])
+    settings = load_settings(provider_env(), **vars(args))
+    assert (settings.request_timeout, settings.run_timeout_grace, settings.max_run_timeout,
+            settings.idempotency_ttl) == (90, 1.5, 5400, 9930.5)
+
+
+def test_the_token_lifetime_is_a_go_duration_too():
+    import base64
+    import json
+
+    result = run_script("token", "--subject", "a", "--scope", "container:read", "--ttl", "1h30m")
+    assert result.returncode == 0, result.stderr
+    payload = result.stdout.strip().split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["exp"] - claims["iat"] == 5400
+
+
+def test_help_and_readme_state_the_value_syntaxes_once():
+    help_text = run_script("--help").stdout
+    readme = (ROOT / "README.md").read_text()
+    for text in (help_text, readme):
+        assert text.count("Go's duration syntax") == 1
+        assert text.count("1, true, yes, on") == 1
 
 
 def test_secret_can_be_base64_and_fallback_variable():
@@ -103,3 +148,42 @@ def test_importing_the_package_starts_no_thread():
             "bus_containers_provider.bus; print(threading.active_count())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "1", result.stderr
+
+
+def readme_configuration_rows():
+    """(flags, variables, default, whole row) of each row of the README's configuration table."""
+    section = (ROOT / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 4 and "BUS_" in cells[1]:
+            default = re.match(r"`([^`]+)`", cells[2])
+            rows.append((re.findall(r"--[a-z][a-z-]+", cells[0]), re.findall(r"BUS_[A-Z_]+", cells[1]),
+                         default and default[1], line))
+    return rows
+
+
+def help_options(text):
+    """--flag -> its help, joined over the lines argparse wrapped it onto."""
+    options = text.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    blocks = re.split(r"\n(?=  -)", options)
+    return {re.findall(r"--[a-z][a-z-]+", block)[0]: " ".join(block.split()) for block in blocks}
+
+
+def test_readme_configuration_table_and_help_agree():
+    from bus_containers_provider.config import ENVIRONMENT, SECRET_VARIABLES
+
+    text = run_script("--help", COLUMNS="200").stdout
+    options = help_options(text)
+    rows = readme_configuration_rows()
+    flagged = {flags[0]: (variables, default) for flags, variables, default, _ in rows if flags}
+    assert set(flagged) == set(options) - {"--help"}
+    for flag, (variables, default) in flagged.items():
+        assert f"({variables[0]}," in options[flag] or f"({variables[0]})" in options[flag], flag
+        if default not in (None, "none"):
+            assert f"default {default}" in options[flag], (flag, default)
+    documented = {name for *_, row in rows for name in re.findall(r"BUS_[A-Z_]+", row)}
+    assert set(ENVIRONMENT) | set(SECRET_VARIABLES) <= documented
+    assert documented <= set(ENVIRONMENT) | set(SECRET_VARIABLES)
+    for name in documented:
+        assert name in text, name

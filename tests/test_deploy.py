@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ CONTRACT_VARIABLES = (
     "BUS_CONTAINERS_MAX_RUN_TIMEOUT", "BUS_CONTAINERS_WORKERS", "BUS_CONTAINERS_THREADS",
     "BUS_CONTAINERS_JWT_SECRET", "BUS_API_JWT_SECRET", "BUS_API_TOKEN", "BUS_EVENTS_LISTENER_REQUIRED",
     "BUS_EVENTS_LISTENER_RETRY", "BUS_EVENTS_LISTENER_RETRY_MIN", "BUS_EVENTS_LISTENER_RETRY_MAX",
+    "BUS_EVENTS_TOKEN_FILE",
 )
 PLACEHOLDER = "CHANGE-ME"
 RUN_BODY = {"profile": "codex", "args": ["sh", "-c", "printf OK"], "timeout_seconds": 30}
@@ -429,24 +431,50 @@ def read_env_example():
     return active, commented
 
 
+def unit_environment() -> dict:
+    """The unit's Environment= assignments, every line of them (configparser keeps only the last)."""
+    found = {}
+    for line in UNIT.read_text().splitlines():
+        if match := re.fullmatch(r"Environment=(.*)", line.strip()):
+            found.update(assignment.split("=", 1) for assignment in shlex.split(match[1]))
+    return found
+
+
 def example_settings():
-    """The env example with its placeholders filled in by test values, loaded like the provider does."""
+    """What the unit starts: its environment, the env example over it (systemd's order), the credential laid
+    out where %d points, placeholders filled in by test values; loaded like the provider does."""
     active, _ = read_env_example()
-    return load_settings(dict(active, BUS_CONTAINERS_JWT_SECRET=SECRET, BUS_API_TOKEN="events-token",
-                              BUS_EVENTS_API_URL="http://127.0.0.1:9"))
+    credential, _ = read_unit()["Service"]["LoadCredential"].split(":", 1)
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / credential).write_text("events-token\n")
+        environment = {name: value.replace("%d", directory) for name, value in unit_environment().items()}
+        return load_settings({**environment, **active, "BUS_CONTAINERS_JWT_SECRET": SECRET,
+                              "BUS_EVENTS_API_URL": "http://127.0.0.1:9"})
 
 
 def test_env_example_documents_every_variable_with_production_values():
     active, commented = read_env_example()
     for name in {*CONTRACT_VARIABLES, *ENVIRONMENT, *SECRET_VARIABLES, "BUS_EVENTS_LISTENER_DOWN_GRACE"}:
         assert name in active or name in commented, name
-    assert set(commented) == {"BUS_API_JWT_SECRET"}  # the fallback only
+    # The fallback secret, and the Events token's other forms: the unit hands it over as a credential.
+    assert set(commented) == {"BUS_API_JWT_SECRET", "BUS_EVENTS_TOKEN_FILE", "BUS_API_TOKEN"}
     for name in ("BUS_CONTAINERS_BACKEND", "BUS_CONTAINERS_USAGE_BACKEND", "BUS_CONTAINERS_BILLING_BACKEND"):
         assert active[name] == "events", name
     assert active["BUS_EVENTS_LISTENER_REQUIRED"] == "1" and active["BUS_EVENTS_LISTENER_RETRY"] == "1"
     # Secrets are obvious placeholders, never real values.
-    for value in (active["BUS_CONTAINERS_JWT_SECRET"], active["BUS_API_TOKEN"], commented["BUS_API_JWT_SECRET"]):
+    for value in (active["BUS_CONTAINERS_JWT_SECRET"], commented["BUS_API_TOKEN"], commented["BUS_API_JWT_SECRET"]):
         assert value == PLACEHOLDER
+
+
+def test_unit_hands_the_events_token_over_as_a_credential_never_through_the_environment():
+    credential, source = read_unit()["Service"]["LoadCredential"].split(":", 1)
+    assert source == "/etc/bus/bus-api-provider-containers.events-token"
+    assert unit_environment()["BUS_EVENTS_TOKEN_FILE"] == f"%d/{credential}"
+    assert f"{source})" in UNIT.read_text()  # the install steps create it
+    active, _ = read_env_example()
+    assert "BUS_API_TOKEN" not in active and "BUS_EVENTS_TOKEN_FILE" not in active
+    settings = example_settings()
+    assert settings.events_token_file.endswith(f"/{credential}") and settings.api_token is None
 
 
 def test_env_example_is_a_valid_configuration_once_filled_in():

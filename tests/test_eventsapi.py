@@ -211,6 +211,24 @@ def test_stream_refusals(server, token, params, status):
     assert server.open_streams() == 0
 
 
+def test_stream_answers_are_recorded_refusals_included_and_tokens_can_be_replaced(server, stream):
+    stream("bus.a")
+    assert Reader(server.url, token="nope", name="bus.a").status == 401
+    server.accept_tokens({"new": None})
+    assert Reader(server.url, name="bus.a").status == 401
+    assert Reader(server.url, name="bus.b").status == 401
+    assert publish(server, {"name": "bus.a", "payload": {}}).status_code == 401
+    kept = Reader(server.url, token="new", name="bus.a")
+    assert kept.status == 200 and publish(server, {"name": "bus.a", "payload": {}}, token="new").status_code == 202
+    assert kept.next()["name"] == "bus.a"
+    assert [status for _, status in server.stream_answers("bus.a")] == [200, 401, 401, 200]
+    assert [status for _, status in server.stream_answers()] == [200, 401, 401, 401, 200]
+    times = [at for at, _ in server.stream_answers()]
+    assert times == sorted(times)
+    server.clear()
+    assert server.stream_answers() == []
+
+
 def test_broadcast_reaches_every_listener(server, stream):
     first, second = stream("bus.cast"), stream("bus.cast")
     assert first.resp.headers["Content-Type"] == "application/x-ndjson"

@@ -21,6 +21,7 @@ from bus_containers_provider.bus import listener as listener_module
 from bus_containers_provider.bus.client import EventsClient, ListenerDown
 from bus_containers_provider.bus.listener import Listener
 from bus_containers_provider.bus.replies import ReplyRegistry
+from bus_containers_provider.credentials import TokenFile
 
 # Every test here waits on a stream or a server: a listener that never answers fails it at this bound.
 pytestmark = pytest.mark.timeout(20)
@@ -44,13 +45,14 @@ def registry():
 
 @pytest.fixture
 def listen(client, registry):
-    """Start a Listener for NAME with short waits (keyword arguments override them); stopped after the test."""
+    """Start a Listener for NAME with short waits (keyword arguments override them, `client` and `registry`
+    too); stopped after the test."""
     started = []
 
     def start(**options):
         settings = dict(retry=True, retry_min=0.05, retry_max=0.2, down_grace=0.3, idle_timeout=30)
         on = options.pop("registry", registry)
-        listener = Listener(client, NAME, on, **{**settings, **options})
+        listener = Listener(options.pop("client", client), NAME, on, **{**settings, **options})
         started.append(listener)
         listener.start()
         return listener
@@ -428,3 +430,38 @@ def test_a_catch_up_reads_the_whole_history_for_a_reply_that_is_not_there(listen
     assert missing.wait(5)["payload"] == {"n": "live"}
     for waiter in (found, missing):
         registry.discard(waiter)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_stream_is_logged_as_an_error_and_tried_again_only_at_the_longest_backoff(
+        listen, events_server, caplog, status):
+    """§5: our own credential, not an outage."""
+    events_server.fail_streams(status)
+    listener = listen(retry_min=0.01, retry_max=1.0, down_grace=30)
+    wait_until(lambda: len(events_server.stream_answers(NAME)) >= 3, timeout=10, what="three refused opens")
+    listener.stop()
+    times = [at for at, _ in events_server.stream_answers(NAME)]
+    # An outage would be tried again after 0.01 s, 0.02 s, 0.04 s …: seven opens in the first 1.3 s.
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert all(gap >= 0.95 for gap in gaps), gaps
+    assert warnings_and_errors(caplog)[0] == (
+        logging.ERROR, f"the Events API refused the provider's token for {NAME} (HTTP {status}); "
+                       "trying again in 1s, or once the token changes")
+    assert EVENTS_TOKEN not in caplog.text
+
+
+def test_a_new_token_in_the_file_ends_the_longest_backoff_at_once(listen, events_server, tmp_path):
+    token_file = tmp_path / "events.jwt"
+    token_file.write_text(EVENTS_TOKEN)
+    events_server.accept_tokens({"rotated-token": None})
+    client = EventsClient(events_server.url, TokenFile(str(token_file)), connect_timeout=2)
+    listener = listen(client=client, retry_max=60, down_grace=30)
+    try:
+        wait_until(lambda: events_server.stream_answers(NAME), timeout=5, what="the first refused open")
+        token_file.write_text("rotated-token")
+        # Within the file's check interval, not the 60 s backoff.
+        assert listener.wait_connected(10)
+        assert [status for _, status in events_server.stream_answers(NAME)] == [401, 200]
+    finally:
+        listener.stop()
+        client.close()

@@ -289,3 +289,20 @@ def test_stopping_with_a_shared_store_hands_running_records_over_at_once():
     leaving.open()
     leaving.records.stop(hand_over=True)
     assert staying.records._adopt() is True and staying.records.in_flight() == 1
+
+
+def test_a_wait_without_run_capacity_is_answered_at_once_never_refused():
+    from bus_containers_provider import create_app
+    from conftest import bearer, env
+
+    app = create_app(dict(env(), BUS_CONTAINERS_THREADS="4"))
+    provider = app.extensions["bus_containers"]
+    client = app.test_client()
+    live = Process(provider.records.store).open()  # a running record of acct-a, held by another process
+    provider.controls.capacity.in_use = provider.controls.capacity.size  # every run place taken
+    answered = client.get(f"/api/v1/containers/runs/{live.run_id}", headers=dict(bearer("acct-a"), Prefer="wait=30"))
+    assert answered.status_code == 200 and answered.get_json()["state"] == "running"
+    assert "Preference-Applied" not in answered.headers and answered.headers["Retry-After"] == "2"
+    provider.controls.capacity.in_use = 0
+    waited = client.get(f"/api/v1/containers/runs/{live.run_id}", headers=dict(bearer("acct-a"), Prefer="wait=1"))
+    assert waited.headers["Preference-Applied"] == "wait=1" and waited.get_json()["state"] == "running"

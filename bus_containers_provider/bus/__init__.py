@@ -5,6 +5,7 @@ import uuid
 from typing import Callable, Dict, Optional, Tuple
 
 from .. import metrics
+from ..credentials import events_token
 from ..errors import BadGateway, ProviderError, Unavailable
 from ..logs import backend_timer
 from .client import EventsClient, EventsError, EventsRejected, ListenerDown, ReplyTimeout
@@ -48,7 +49,7 @@ class Bus:
     def __init__(self, settings, client: EventsClient = None):
         self._settings = settings
         self._reply_names = set()
-        self.client = client or EventsClient(settings.events_url, settings.api_token,
+        self.client = client or EventsClient(settings.events_url, events_token(settings),
                                              publish_timeout=settings.request_timeout)
         self.registry = ReplyRegistry()
         self._listeners: Dict[str, Listener] = {}

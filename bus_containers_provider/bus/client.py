@@ -9,12 +9,16 @@ from typing import Callable, Iterator, Optional
 import requests
 import urllib3
 
+from ..credentials import StaticToken
+
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/api/v1/events"
 # A reply line carries a whole run result; a longer one is discarded as it is read (CONTRACT §5).
 MAX_LINE_BYTES = 16 * 1024 * 1024
 READ_CHUNK = 64 * 1024
+# The provider's own token is missing, wrong, or lacks the event's resource.
+UNAUTHORIZED = frozenset({401, 403})
 
 
 class EventsError(Exception):
@@ -50,7 +54,7 @@ class EventsRejected(EventsError):
     @property
     def unauthorized(self) -> bool:
         """401/403: the provider's own token is missing, wrong, or lacks the event's resource."""
-        return self.status in (401, 403)
+        return self.status in UNAUTHORIZED
 
     @property
     def malformed(self) -> bool:
@@ -83,9 +87,10 @@ class EventsClient:
     the pool grows only to the number of publishes in flight at once.
     """
 
-    def __init__(self, base_url: str, token: str, connect_timeout: float = 5.0, publish_timeout: float = 30.0):
+    def __init__(self, base_url: str, token, connect_timeout: float = 5.0, publish_timeout: float = 30.0):
         self._url = base_url.rstrip("/") + EVENTS_PATH
-        self._headers = {"Authorization": f"Bearer {token}"}
+        # A str is fixed; a token source (credentials.TokenFile) may hand out a new token while we run.
+        self._token = StaticToken(token) if isinstance(token, str) else token
         self._timeouts = (connect_timeout, publish_timeout)
         self._connect_timeout = connect_timeout
         self._local = threading.local()
@@ -120,6 +125,26 @@ class EventsClient:
             with self._lock:
                 self._idle.append(session)
 
+    @property
+    def token_generation(self) -> int:
+        """Changes whenever the token in use changes: a refused stream may be worth trying again."""
+        self._token.value()
+        return self._token.generation
+
+    def _authorized(self, send: Callable[[dict], requests.Response]) -> requests.Response:
+        """`send(headers)` with our token; if it is refused and the token source has another, once more with that.
+
+        A 401/403 means the Events API took nothing, so the second send cannot deliver anything twice.
+        """
+        token = self._token.value()
+        response = send({"Authorization": f"Bearer {token}"})
+        if response.status_code in UNAUTHORIZED:
+            fresh = self._token.reread()
+            if fresh != token:
+                response.close()
+                response = send({"Authorization": f"Bearer {fresh}"})
+        return response
+
     def close(self) -> None:
         with self._lock:
             sessions, self._sessions, self._idle = self._sessions, [], []
@@ -128,13 +153,17 @@ class EventsClient:
 
     def publish(self, name: str, correlation_id: str, payload: dict) -> None:
         body = {"name": name, "correlationId": correlation_id, "payload": payload}
-        try:
+
+        def send(headers):
             # Prepared without the Session: its cookie jar and default headers would be merged into
             # every publish (~100 µs), and the Events API needs neither.
-            prepared = requests.Request("POST", self._url, headers=self._headers, json=body).prepare()
+            prepared = requests.Request("POST", self._url, headers=headers, json=body).prepare()
             # Never follow a redirect: the token and the payload go to the configured origin or nowhere.
             with self._borrowed() as session:
-                response = session.send(prepared, timeout=self._timeouts, allow_redirects=False)
+                return session.send(prepared, timeout=self._timeouts, allow_redirects=False)
+
+        try:
+            response = self._authorized(send)
         except requests.Timeout as exc:
             raise EventsUnavailable(f"publishing {name} timed out") from exc
         except requests.RequestException as exc:
@@ -150,9 +179,13 @@ class EventsClient:
             params["replay"] = "true"
         if not follow:
             params["follow"] = "false"
+
+        def send(headers):
+            return session.get(f"{self._url}/stream", params=params, headers=headers, stream=True,
+                               timeout=(self._connect_timeout, read_timeout), allow_redirects=False)
+
         try:
-            response = session.get(f"{self._url}/stream", params=params, headers=self._headers, stream=True,
-                                   timeout=(self._connect_timeout, read_timeout), allow_redirects=False)
+            response = self._authorized(send)
         except requests.RequestException as exc:
             raise EventsUnavailable(f"opening the {name} stream failed: {type(exc).__name__}") from exc
         try:

@@ -4,6 +4,7 @@ import threading
 import time
 
 from .. import metrics
+from ..credentials import CHECK_SECONDS
 from .client import EventsClient, EventsError, EventsRejected, envelopes, new_session
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,9 @@ class Listener(threading.Thread):
                             self._stay_down(reason)
                             return
                         metrics.listener_reconnected(self.reply_name)
+                        if _unauthorized(exc):
+                            self._await_another_token()
+                            continue
                         self._stopping.wait(delay)
                         delay = min(delay * 2, self._retry_max)
                         continue
@@ -207,9 +211,24 @@ class Listener(threading.Thread):
         log.info("caught up on %s: %d of %d waiting replies found in %d stored events (%.2fs)",
                  self.reply_name, found, len(missed), read, time.monotonic() - started)
 
+    def _await_another_token(self) -> None:
+        """Wait the longest backoff, or until the token source holds another token.
+
+        A refused token is our own credential, not an outage: trying it again
+        soon cannot help. A new token (a rewritten token file) is worth a try
+        at once, so a rotation is taken up without waiting out the backoff.
+        """
+        seen = self._client.token_generation
+        deadline = time.monotonic() + self._retry_max
+        while (left := deadline - time.monotonic()) > 0:
+            if self._stopping.wait(min(left, CHECK_SECONDS)) or self._client.token_generation != seen:
+                return
+
     def _refused(self, exc: EventsError) -> str:
-        if isinstance(exc, EventsRejected) and exc.unauthorized:
-            log.error("the Events API refused the provider's token for %s (HTTP %d)", self.reply_name, exc.status)
+        if _unauthorized(exc):
+            retrying = f"; trying again in {self._retry_max:g}s, or once the token changes" if self._retry else ""
+            log.error("the Events API refused the provider's token for %s (HTTP %d)%s", self.reply_name,
+                      exc.status, retrying)
         elif isinstance(exc, EventsRejected):
             log.error("%s", exc)
         elif not self._stopping.is_set():
@@ -258,6 +277,10 @@ class Listener(threading.Thread):
             timer, self._grace_timer = self._grace_timer, None
         if timer is not None:
             timer.cancel()
+
+
+def _unauthorized(exc: EventsError) -> bool:
+    return isinstance(exc, EventsRejected) and exc.unauthorized
 
 
 def _shutdown(response) -> None:

@@ -146,6 +146,7 @@ class EventsServer:
         self._publish_status = None
         self._publish_delay = 0.0
         self._stream_status = None
+        self._stream_answers = []
 
     # -- lifecycle -------------------------------------------------------
 
@@ -200,6 +201,7 @@ class EventsServer:
             self._history.clear()
             self._groups.clear()
             self._opened.clear()
+            self._stream_answers.clear()
 
     # -- fault controls --------------------------------------------------
 
@@ -214,6 +216,10 @@ class EventsServer:
     def fail_streams(self, status=503):
         """Refuse new streams with ``status`` until called with ``None``."""
         self._stream_status = status
+
+    def accept_tokens(self, tokens):
+        """From now on accept only ``tokens`` (a dict as in the constructor); open streams stay open."""
+        self.tokens = dict(tokens) if isinstance(tokens, dict) else {token: None for token in tokens}
 
     def reset_faults(self):
         self._publish_status = None
@@ -249,6 +255,11 @@ class EventsServer:
         """
         with self._lock:
             return [dict(e) for e in self._history if name in (None, e["name"])]
+
+    def stream_answers(self, name=None):
+        """``(time.monotonic(), status)`` of every stream request (of one name) answered, refusals included."""
+        with self._lock:
+            return [(at, status) for at, stream_name, status in self._stream_answers if name in (None, stream_name)]
 
     def open_streams(self, name=None):
         with self._lock:
@@ -346,6 +357,11 @@ class EventsServer:
     def _public(record):
         return {k: v for k, v in record.items() if k != "publisher_token"}
 
+    def _answered_stream(self, name, status):
+        with self._lock:
+            self._stream_answers.append((time.monotonic(), name, status))
+            self._lock.notify_all()
+
     def _track(self, sock, add):
         with self._lock:
             (self._connections.add if add else self._connections.discard)(sock)
@@ -412,7 +428,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "bad_request", "name must be dot-separated lowercase "
                         "identifiers (letters, digits, '-', '_'), no wildcards")
             return False
-        if not _prefix_allows(self.events.tokens[token], name):
+        # .get: accept_tokens() may have dropped the token since _token() checked it.
+        if not _prefix_allows(self.events.tokens.get(token, ()), name):
             self._error(403, "forbidden", f"token may not use {name}")
             return False
         return True
@@ -464,6 +481,12 @@ class _Handler(BaseHTTPRequestHandler):
         envelope = self.events._publish(body, token)
         self._send_json(202, {"accepted": True, "id": envelope["id"],
                               "name": envelope["name"]})
+
+    def send_response(self, code, message=None):
+        if self.command == "GET" and urlsplit(self.path).path == "/api/v1/events/stream":
+            name = parse_qs(urlsplit(self.path).query).get("name", [None])[-1]
+            self.events._answered_stream(name, code)
+        super().send_response(code, message)
 
     def do_GET(self):
         url = urlsplit(self.path)
