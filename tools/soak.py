@@ -147,6 +147,7 @@ class LogicalRun:
     outcome: str = None  # "result", "error" (a final error answer), or None (no final answer)
     own: bool = None  # the result was this run's: owner, run id, stdout
     collected_by: str = None  # detached: "submission", "poll" or "wait"
+    wrong: dict = None  # a result that was not this run's, as evidence (its output cut short)
     attempts: list = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.monotonic)
     body: dict = None
@@ -164,6 +165,8 @@ class LogicalRun:
         self.run_id = self.run_id or result.get("run_id")
         self.own = (result.get("owner_account_id") == self.account and result.get("run_id") == self.run_id
                     and result.get("stdout") == f"soak {self.nonce}")
+        if not self.own:
+            self.wrong = {k: (v[:200] if isinstance(v, str) else v) for k, v in result.items()}
 
 
 class Answers:
