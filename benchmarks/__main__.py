@@ -11,11 +11,11 @@ import platform
 import sys
 import time
 
-from . import capacity, fanout, metrics, overhead, registry, roundtrip
+from . import capacity, detached, fanout, metrics, overhead, registry, roundtrip
 from .common import Table
 
 BENCHMARKS = {"overhead": overhead.run, "metrics": metrics.run, "roundtrip": roundtrip.run,
-              "capacity": capacity.run, "fanout": fanout.run, "registry": registry.run}
+              "capacity": capacity.run, "fanout": fanout.run, "registry": registry.run, "detached": detached.run}
 
 
 def main() -> int:

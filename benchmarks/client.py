@@ -4,7 +4,7 @@ import json
 import time
 import uuid
 
-from .events import RUN, RUN_REPLY, STREAM, Publisher
+from .events import RUN, RUN_REPLY, Publisher, open_stream, read_events
 
 RUNS = "/api/v1/containers/runs"
 
@@ -59,21 +59,18 @@ def post_runs(url: str, token: str, count: int, profile: str = "sleep:5", timeou
 
 async def _direct(port: int, token: str, count: int, profile: str, timeout: float):
     """Publish `count` run requests straight to the Events API and wait for every reply."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write((f"GET {STREAM}?name={RUN_REPLY}&delivery=broadcast HTTP/1.1\r\nHost: bench\r\n"
-                  f"Authorization: Bearer {token}\r\n\r\n").encode())
-    await reader.readuntil(b"\r\n\r\n")
+    reader = await open_stream(port, token, RUN_REPLY)
     loop = asyncio.get_running_loop()
     waiting = {str(uuid.uuid4()): loop.create_future() for _ in range(count)}
     pending = dict(waiting)
 
     async def listen():
-        while pending:
-            size = int((await reader.readline()).strip(), 16)
-            envelope = json.loads(await reader.readexactly(size + 2))
+        async for envelope in read_events(reader):
             future = pending.pop(envelope["correlationId"], None)
             if future is not None:
                 future.set_result(envelope)
+            if not pending:
+                return
 
     publisher = Publisher(port, token, 32)
 
@@ -87,10 +84,68 @@ async def _direct(port: int, token: str, count: int, profile: str, timeout: floa
     await asyncio.wait_for(asyncio.gather(*waiting.values()), timeout)
     elapsed = time.monotonic() - started
     listener.cancel()
-    writer.close()
+    reader.writer.close()
     return elapsed
 
 
 def direct_runs(events_url: str, token: str, count: int, profile: str = "sleep:5", timeout: float = 60.0) -> float:
     """Wall seconds for the Events side alone to turn `count` held runs around."""
     return asyncio.run(_direct(int(events_url.rsplit(":", 1)[1]), token, count, profile, timeout))
+
+
+class KeepAlive:
+    """One kept-alive HTTP/1.1 connection (opened on first use, again after the server closes it)."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        host, port = url.split("://")[1].split(":")
+        self.host, self.port, self.timeout = host, int(port), timeout
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, token: str, body=None, headers=None) -> tuple:
+        """(status, headers with lower-case names, decoded body) of one request."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
+                                                              self.timeout)
+        data = b"" if body is None else json.dumps(body).encode()
+        extra = dict(headers or {}, **({"Content-Type": "application/json"} if body is not None else {}))
+        self.writer.write((f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+                           f"Content-Length: {len(data)}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                           + "\r\n").encode() + data)
+        try:
+            lines = (await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), self.timeout)).decode("latin-1")
+            lines = lines.split("\r\n")
+            fields = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if value:
+                    fields[name.strip().lower()] = value.strip()
+            size = int(fields.get("content-length", "0"))
+            payload = json.loads(await asyncio.wait_for(self.reader.readexactly(size), self.timeout))
+        except BaseException:
+            self.close()
+            raise
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        return int(lines[0].split(" ", 2)[1]), fields, payload
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def over_connections(url: str, jobs: list, connections: int, one) -> list:
+    """`await one(connection, job)` for every job over `connections` kept-alive connections; results in job order."""
+    results = [None] * len(jobs)
+    queue = iter(enumerate(jobs))  # shared by the connections: each takes the next job when it is free
+
+    async def serve():
+        connection = KeepAlive(url)
+        try:
+            for n, job in queue:
+                results[n] = await one(connection, job)
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(serve() for _ in range(connections)))
+    return results

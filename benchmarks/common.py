@@ -47,11 +47,13 @@ def rss_kib(pids) -> int:
     return total
 
 
-def wrk(url: str, seconds: int, connections: int = 32, threads: int = 2) -> int:
-    """Requests completed by wrk in `seconds` of authenticated POST /runs; any failure stops the benchmark."""
-    env = dict(os.environ, BENCH_TOKEN=token("bench-account", "container:run"))
+def wrk(url: str, seconds: int, connections: int = 32, threads: int = 2, path: str = "/api/v1/containers/runs",
+        script: str = "post_run.lua", bearer: str = None) -> int:
+    """Requests completed by wrk in `seconds` of an authenticated request (the script's: by default
+    POST /runs as bench-account); any failure stops the benchmark."""
+    env = dict(os.environ, BENCH_TOKEN=bearer or token("bench-account", "container:run"))
     result = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s",
-                             str(ROOT / "benchmarks/post_run.lua"), f"{url}/api/v1/containers/runs"],
+                             str(ROOT / "benchmarks" / script), f"{url}{path}"],
                             env=env, capture_output=True, text=True, timeout=seconds + 60)
     if "non2xx=0 errors=0" not in result.stdout:
         raise SystemExit(f"wrk saw failures against {url}:\n{result.stdout}")

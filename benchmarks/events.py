@@ -9,9 +9,11 @@ thread per connection for the tests; this one keeps nothing.
 
 The worker side is a real client of the same server: it reads
 bus.containers.run.request on a unicast stream and publishes each reply over
-HTTP, at once or after the run's `sleep:SECONDS` profile. The reply echoes
-the run's command as `args`, so a caller can tell its own result from
-another's.
+HTTP, at once, after the run's `sleep:SECONDS` profile, or with `gate:SECONDS`
+once the worker's gate opens (SIGUSR1 to this process; at most SECONDS). The
+reply echoes the run's command as `args` and its owner and command as
+`stdout`, so a caller can tell its own result from another's. Status requests
+are answered with no items (a provider's run list asks for them).
 
 Run as `python -m benchmarks.events PORT TOKEN...`; it prints "ready" once
 listening and its responder is connected.
@@ -29,6 +31,7 @@ EVENTS = "/api/v1/events"
 STREAM = "/api/v1/events/stream"
 RUN = "bus.containers.run.request"
 RUN_REPLY = "bus.containers.run.response"
+STATUS = "bus.containers.status.request"
 
 
 class Broker:
@@ -114,7 +117,7 @@ async def serve_stream(broker: Broker, writer, query: dict, reader):
 
 
 class Worker:
-    """The container integration: reads run requests on a unicast stream, replies over HTTP."""
+    """The container integration: reads run and status requests on unicast streams, replies over HTTP."""
 
     CONNECTIONS = 16  # keep-alive publish connections, reused: a burst of replies opens no new ones
 
@@ -123,34 +126,73 @@ class Worker:
         self.connected = asyncio.Event()
         self.publisher = Publisher(port, token, self.CONNECTIONS)
         self.answering = set()
+        self.gate = asyncio.Event()
 
     async def run(self):
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        writer.write((f"GET {STREAM}?name={RUN}&delivery=unicast&group=bench HTTP/1.1\r\nHost: bench\r\n"
-                      f"Authorization: Bearer {self.token}\r\n\r\n").encode())
-        await reader.readuntil(b"\r\n\r\n")
-        self.connected.set()
-        while True:
-            size = int((await reader.readline()).strip(), 16)
-            line = await reader.readexactly(size + 2)
-            # The loop keeps only weak references to tasks: hold each until it is done.
-            task = asyncio.get_running_loop().create_task(self.answer(json.loads(line)))
-            self.answering.add(task)
-            task.add_done_callback(self.answering.discard)
+        streams = {RUN: self.answer, STATUS: self.status}
+        opened = []
+
+        async def serve(name, handler):
+            reader = await open_stream(self.port, self.token, name, group="bench")
+            opened.append(name)
+            if len(opened) == len(streams):
+                self.connected.set()
+            try:
+                async for envelope in read_events(reader):
+                    # The loop keeps only weak references to tasks: hold each until it is done.
+                    task = asyncio.get_running_loop().create_task(handler(envelope))
+                    self.answering.add(task)
+                    task.add_done_callback(self.answering.discard)
+            finally:
+                reader.writer.close()
+
+        await asyncio.gather(*(serve(name, handler) for name, handler in streams.items()))
+
+    def release(self):
+        """Open the gate for the runs held at it now; runs that come later wait for the next release."""
+        gate, self.gate = self.gate, asyncio.Event()
+        gate.set()
 
     async def answer(self, envelope: dict):
         run = envelope["payload"]
         profile = run.get("profile") or ""
-        if profile.startswith("sleep:"):
-            await asyncio.sleep(float(profile[len("sleep:"):]))
+        kind, _, seconds = profile.partition(":")
+        if kind == "sleep":
+            await asyncio.sleep(float(seconds))
+        elif kind == "gate":
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.gate.wait(), float(seconds))
+        command = run.get("command", [])
         result = {"run_id": run["run_id"], "owner_account_id": run["owner_account_id"], "runner_name": "bench",
-                  "image": run.get("image") or f"profile:{profile}", "args": run.get("command", []),
-                  "exit_code": 0, "stdout": "", "stderr": "", "duration_ms": 0,
-                  "runtime": {"state": "ready", "provider": "bench"}}
+                  "image": run.get("image") or f"profile:{profile}", "args": command,
+                  "exit_code": 0, "stdout": " ".join([run["owner_account_id"], *command]), "stderr": "",
+                  "duration_ms": 0, "runtime": {"state": "ready", "provider": "bench"}}
         await self.publish({"name": RUN_REPLY, "correlationId": envelope["correlationId"], "payload": result})
+
+    async def status(self, envelope: dict):
+        await self.publish({"name": STATUS.replace(".request", ".response"),
+                            "correlationId": envelope["correlationId"], "payload": {"items": []}})
 
     async def publish(self, event: dict):
         await self.publisher.publish(event)
+
+
+async def open_stream(port: int, token: str, name: str, group: str = None):
+    """A reader positioned after the head of a stream of `name`: broadcast, or unicast to `group`."""
+    delivery = f"unicast&group={group}" if group else "broadcast"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"GET {STREAM}?name={name}&delivery={delivery} HTTP/1.1\r\nHost: bench\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
+    await reader.readuntil(b"\r\n\r\n")
+    reader.writer = writer  # closing it ends the stream
+    return reader
+
+
+async def read_events(reader):
+    """The envelopes of a chunked NDJSON stream, one per chunk, as this server writes them."""
+    while True:
+        size = int((await reader.readline()).strip(), 16)
+        yield json.loads(await reader.readexactly(size + 2))
 
 
 class Publisher:
@@ -184,6 +226,7 @@ async def main(port: int, tokens):
     # Stopped by the benchmark with SIGTERM: leave at once, whatever is in flight.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, os._exit, 0)
     worker = Worker(port, tokens[0])
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, worker.release)
     task = asyncio.get_running_loop().create_task(worker.run())
     await asyncio.wait_for(worker.connected.wait(), 10)
     print("ready", flush=True)
@@ -192,17 +235,28 @@ async def main(port: int, tokens):
 
 
 @contextlib.contextmanager
-def fast_events(port: int, tokens):
-    """This server and worker in their own process (their own GIL); yields the Events API root."""
+def events_process(port: int, tokens):
+    """This server and worker in their own process (their own GIL); yields the process, its root as `.url`.
+
+    `process.send_signal(signal.SIGUSR1)` opens the worker's gate.
+    """
     process = subprocess.Popen([sys.executable, "-m", "benchmarks.events", str(port), *tokens],
                                stdout=subprocess.PIPE, text=True)
     try:
         if process.stdout.readline().strip() != "ready":
             raise SystemExit("the benchmark Events API did not start")
-        yield f"http://127.0.0.1:{port}"
+        process.url = f"http://127.0.0.1:{port}"
+        yield process
     finally:
         process.terminate()
         process.wait(10)
+
+
+@contextlib.contextmanager
+def fast_events(port: int, tokens):
+    """The Events API root of a benchmark server and worker in their own process."""
+    with events_process(port, tokens) as process:
+        yield process.url
 
 
 if __name__ == "__main__":

@@ -19,20 +19,24 @@ def bare_server():
     return running(command, provider_env(), port, ready_path="/api/v1/containers/runs")
 
 
-def measure(server) -> tuple:
-    """(requests per second, server CPU µs per request) for one wrk round."""
+def static_provider():
+    """The provider with the static backend, as the overhead rounds load it."""
+    # One account, 32 connections: no per-account limit, and every thread may take a run (the bare
+    # endpoint reserves none either), so no round measures 429s or 503s.
+    env = provider_env(BUS_CONTAINERS_RESERVED_THREADS="0")
+    return console_script("--workers", WORKERS, "--threads", THREADS, "--max-runs-per-account", "0", env=env)
+
+
+def measure(server, **request) -> tuple:
+    """(requests per second, server CPU µs per request) for one wrk round (`request`: wrk's path, script, bearer)."""
     pids = tree(server.pid)
     before = cpu_seconds(pids)
-    done = wrk(server.url, SECONDS)
+    done = wrk(server.url, SECONDS, **request)
     return done / SECONDS, (cpu_seconds(pids) - before) / done * 1e6
 
 
 def run(table, rounds: int = ROUNDS) -> dict:
-    # One account, 32 connections: no per-account limit, and every thread may take a run (the bare
-    # endpoint reserves none either), so no round measures 429s or 503s.
-    env = provider_env(BUS_CONTAINERS_RESERVED_THREADS="0")
-    with console_script("--workers", WORKERS, "--threads", THREADS, "--max-runs-per-account", "0", env=env) as provider, \
-            bare_server() as bare:
+    with static_provider() as provider, bare_server() as bare:
         wrk(provider.url, 2), wrk(bare.url, 2)  # warm both
         rows = []
         for n in range(rounds):

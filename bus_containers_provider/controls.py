@@ -172,8 +172,6 @@ class RunControls:
         self._ttl = idempotency_ttl
         self._held = _Held()
         self._held_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = None
 
     # -- Idempotency-Key ---------------------------------------------------
 
@@ -307,35 +305,14 @@ class RunControls:
             self._held.keys.discard(keys)
 
     def renew(self) -> None:
-        """Extend every lease this process holds (its runs are alive)."""
+        """Extend every lease this process holds (its runs are alive); the run records' keeper calls it."""
         with self._held_lock:
             slots, keys = list(self._held.slots), list(self._held.keys)
         if slots or keys:
             self.store.renew(slots, keys, LEASE_SECONDS)
 
-    def start(self) -> None:
-        """Start renewing leases; in a worker, after fork."""
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._renew_loop, name="run-leases", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
         self.store.close()
-
-    def _renew_loop(self) -> None:
-        while not self._stopping.wait(RENEW_SECONDS):
-            try:
-                self.renew()
-            except Unavailable as exc:
-                log.warning("could not renew run leases: %s", exc)  # pragma: no mutate
-            except Exception:  # a bug must not end the renewals silently
-                log.exception("renewing run leases failed")  # pragma: no mutate
 
     def down(self) -> bool:
         """True while the state store cannot be reached (readiness names `state`)."""

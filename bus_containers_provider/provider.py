@@ -43,7 +43,6 @@ class Provider:
         if self.bus is not None:
             self.bus.start()
         self.usage.start()
-        self.controls.start()
         self.records.start()
 
     def stop(self) -> None:

@@ -284,6 +284,9 @@ class RunRecords:
             live.finishing = True
         record = live.record
         self.backend.release(live.handle)
+        # The run is over: its slot goes before anyone can read it as finished, so a caller told so
+        # (here or by another process) may start the next run at once.
+        self._controls.release_slot(record["owner_account_id"], record["run_id"])
         try:
             finished = self._store_answer(live, answer, forget, drop_key)
         except StateUnavailable:
@@ -293,9 +296,9 @@ class RunRecords:
             live.unstored = (usage_type, usage_data, forget, drop_key)
             live.done.set()
             return
-        self._settled(live, answer if finished is not None else None, usage_type, usage_data)
+        self._settled(live, answer if finished else None, usage_type, usage_data)
 
-    def _store_answer(self, live: Live, answer: Answer, forget: bool, drop_key: bool = False) -> Optional[dict]:
+    def _store_answer(self, live: Live, answer: Answer, forget: bool, drop_key: bool = False) -> bool:
         key = None if drop_key else live.record.get("key")
         # A deleted run is forgotten at once, unless a key still points at it.
         keep = 0 if forget and not key else self._keep(key)
@@ -305,8 +308,6 @@ class RunRecords:
     def _settled(self, live: Live, answer: Optional[Answer], usage_type: str, usage_data: dict) -> None:
         record = live.record
         if answer is not None:
-            # The slot first: a caller told its run ended may start the next one at once.
-            self._controls.release_slot(record["owner_account_id"], record["run_id"])
             self._record_usage(usage_type, record, usage_data)
             self._uncount(live, answer.body.get("status") if answer.status == 200 else ERROR)
         else:
@@ -378,7 +379,7 @@ class RunRecords:
     # -- the keeper: leases, deadlines, adoption -----------------------------------
 
     def start(self) -> None:
-        """Renew, expire and adopt in the background; in a worker, after fork."""
+        """Renew every lease, expire and adopt in the background; in a worker, after fork."""
         if self._thread is not None:
             return
         self._stopping.clear()
@@ -464,9 +465,14 @@ class RunRecords:
             usage_type, usage_data, forget, drop_key = live.unstored
             finished = self._store_answer(live, live.answer, forget, drop_key)
             live.unstored = None
-            self._settled(live, live.answer if finished is not None else None, usage_type, usage_data)
+            self._settled(live, live.answer if finished else None, usage_type, usage_data)
 
     def _renew(self) -> None:
+        """Extend every lease this process holds: its slots and keys, then its records."""
+        try:
+            self._controls.renew()
+        except StateUnavailable as exc:
+            log.warning("could not renew run leases: %s", exc)  # pragma: no mutate
         with self._lock:
             held = [run_id for run_id, live in self._live.items() if not live.finishing]
         lost = self.store.hold_runs(held, LEASE_SECONDS) if held else []
@@ -479,6 +485,7 @@ class RunRecords:
                 with self._lock:
                     live.finishing = True
                 self.backend.release(live.handle)
+                self._controls.release_slot(live.record["owner_account_id"], run_id)
                 self._settled(live, None, FAILED, {})
 
     def _adopt(self, run_id: Optional[str] = None) -> bool:

@@ -69,6 +69,22 @@ def stop(process, sig=signal.SIGTERM, timeout=20):
             process.wait(timeout=5)
 
 
+def children(pid: int) -> set:
+    """Pids of the live processes whose parent is `pid` (a gunicorn master's workers), read from /proc."""
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    # The command name (field 2) may hold spaces; state and parent pid follow its ')'.
+                    state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+            except (OSError, ValueError):
+                continue
+            if int(parent) == pid and state != "Z":
+                kids.add(int(entry))
+    return kids
+
+
 def console_script(*args, port=None, env=None):
     """The installed `bus-api-provider-containers` serving on a free port."""
     port = port or free_port()

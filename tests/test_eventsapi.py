@@ -379,6 +379,29 @@ def test_responder_never_stays_silent(server, stream, responder):
     assert replies.drain() == []
 
 
+def test_responder_holds_a_reply_until_it_is_released(server, stream, responder):
+    replies = stream("bus.containers.run.response")
+    held = run_payload("hold:h1")
+    publish(server, {"name": RUN, "correlationId": "held", "payload": held})
+    deadline = time.monotonic() + WAIT
+    while responder.held("h1") < 1:
+        assert time.monotonic() < deadline, "the held run was not received"
+        time.sleep(0.02)
+    # Another run is answered meanwhile, and the held one is not (requests on a stream are in order).
+    publish(server, {"name": RUN, "correlationId": "loud", "payload": run_payload()})
+    assert replies.next()["correlationId"] == "loud"
+    assert replies.drain() == []
+
+    assert responder.release("h1") == 1
+    reply = replies.next()
+    assert reply["correlationId"] == "held"
+    assert reply["payload"]["run_id"] == held["run_id"] and reply["payload"]["stdout"] == "echo hi"
+    assert responder.held("h1") == 0
+    # Once released, a run held under that name is answered at once.
+    publish(server, {"name": RUN, "correlationId": "late", "payload": run_payload("hold:h1")})
+    assert replies.next()["correlationId"] == "late"
+
+
 @pytest.mark.parametrize("profile, check", [
     ("error", lambda r: r["error"] == {"type": "runner_failed", "message": "boom"}
      and r["payload"] == {}),

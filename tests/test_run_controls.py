@@ -463,7 +463,7 @@ class TestLeases:
 
 
 class TestRenewalThread:
-    """start() renews every RENEW_SECONDS on a thread of its own, and stop() ends it."""
+    """The run records' keeper renews the slots and keys too, every RENEW_SECONDS, until stop() ends it."""
 
     class Recording(MemoryStore):
         def __init__(self):
@@ -476,34 +476,44 @@ class TestRenewalThread:
 
     @pytest.fixture(autouse=True)
     def quick(self, monkeypatch):
-        monkeypatch.setattr("bus_containers_provider.controls.RENEW_SECONDS", 0.01)
+        monkeypatch.setattr("bus_containers_provider.records.RENEW_SECONDS", 0.01)
+        monkeypatch.setattr("bus_containers_provider.records.TICK", 0.01)
 
     def renewing(self, store):
         before = store.renewals
         wait_until(lambda: store.renewals >= before + 3, what="three renewals by the thread")
 
-    def test_a_held_slot_is_renewed_by_the_thread_until_stop(self):
-        store = self.Recording()
+    def keeper(self, store):
+        from bus_containers_provider.backends.static import StaticBackend
+        from bus_containers_provider.config import Settings
+        from bus_containers_provider.records import RunRecords
+        from bus_containers_provider.usage import NoUsage
+
         controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
-        before = set(threading.enumerate())
+        return controls, RunRecords(store, StaticBackend(), NoUsage(), controls, Settings(jwt_secret=b"x" * 32))
+
+    def test_a_held_slot_is_renewed_by_the_records_keeper_until_stop(self):
+        store = self.Recording()
+        controls, records = self.keeper(store)
         controls.take_slot("acct-a", "run_1")
-        controls.start()
+        records.start()
+        started = records._thread
         self.renewing(store)
-        controls.stop()
-        assert set(threading.enumerate()) - before == set()  # joined, so nothing renews any more
+        records.stop(hand_over=False)
+        assert not started.is_alive()  # joined, so nothing renews any more
         count = store.renewals
         controls.renew()  # by hand it still works: the count moves only for that
         assert store.renewals == count + 1
 
     def test_start_after_stop_renews_again(self):
         store = self.Recording()
-        controls = RunControls(store, max_runs_per_account=1, run_capacity=4, idempotency_ttl=60)
+        controls, records = self.keeper(store)
         controls.take_slot("acct-a", "run_1")
-        controls.start()
-        controls.stop()
-        controls.start()
+        records.start()
+        records.stop(hand_over=False)
+        records.start()
         self.renewing(store)
-        controls.stop()
+        records.stop(hand_over=False)
 
 
 class Interleaved(MemoryStore):

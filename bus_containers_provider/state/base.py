@@ -79,11 +79,11 @@ class StateStore(Protocol):
         """`account`'s records, the `limit` newest, newest first."""
 
     def finish_run(self, run_id: str, account: str, answer: dict, keep: float,
-                   forget: bool = False) -> Optional[dict]:
+                   forget: bool = False) -> bool:
         """Finish `account`'s running record with `answer`, kept `keep` seconds (0: not at all) and unleased.
 
-        Returns the finished record when this very call finished it, None when
-        it was finished already or is gone: exactly one caller completes a run.
+        True when this very call finished it, False when it was finished
+        already or is gone: exactly one caller completes a run.
         `forget` hides it from reads and lists (a deleted run) while it is kept.
         """
 

@@ -1,4 +1,5 @@
 """The in-process store: what one provider process agrees with itself (the default)."""
+import itertools
 import json
 import threading
 import time
@@ -111,9 +112,11 @@ class MemoryStore:
 
     def _bound(self) -> None:
         # Keys bound to a run longest ago go first; one whose run is being handed over never does.
+        # Oldest first, so the scan stops at the first few: a full store costs no walk over all its keys.
         excess = len(self._keys) - self._max_records
         if excess > 0:
-            for scope in [scope for scope, (claim, _) in self._keys.items() if claim.state == BOUND][:excess]:
+            bound = (scope for scope, (claim, _) in self._keys.items() if claim.state == BOUND)
+            for scope in list(itertools.islice(bound, excess)):
                 del self._keys[scope]
 
     # -- account run slots -----------------------------------------------------
@@ -199,7 +202,8 @@ class MemoryStore:
         excess = len(self._runs) - self._max_records
         if excess <= 0:
             return
-        for run_id in [r for r in self._runs if r not in self._run_leases][:excess]:
+        finished = (run_id for run_id in self._runs if run_id not in self._run_leases)
+        for run_id in list(itertools.islice(finished, excess)):
             del self._runs[run_id]
 
     def read_run(self, run_id):
@@ -218,13 +222,13 @@ class MemoryStore:
             now = self._clock()
             record = self._live_run(run_id, now)
             if record is None or record["state"] != RUNNING:
-                return None
+                return False
             record.update(state=FINISHED, answer=answer, **({"forgotten": True} if forget else {}))
             self._run_leases.drop(run_id)
             del self._runs[run_id]
             if keep > 0:
                 self._runs[run_id] = (json.dumps(record), now + keep)  # last: the dict stays oldest first
-            return record
+            return True
 
     def drop_run(self, run_id):
         with self._lock:

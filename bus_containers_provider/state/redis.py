@@ -73,6 +73,20 @@ local function lease(set, id, ms) redis.call('ZADD', set, now + ms, id) end
 local function hold(set, id, ms) return redis.call('ZADD', set, 'XX', 'CH', now + ms, id) end
 local function due(set, limit) return redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit) end
 local function sweep(set) redis.call('ZREMRANGEBYSCORE', set, '-inf', now) end
+-- Take `ids` (their leases passed) for `ms`: what `fetch` finds is leased anew and returned, the rest let go.
+local function take(set, ids, ms, fetch)
+  local taken = {}
+  for _, id in ipairs(ids) do
+    local record = fetch(id)
+    if record then
+      lease(set, id, ms)
+      table.insert(taken, record)
+    else
+      redis.call('ZREM', set, id)
+    end
+  end
+  return taken
+end
 """
 
 # The slot set lives as long as its longest lease, so an idle account leaves nothing behind.
@@ -141,17 +155,8 @@ return 0
 
 # KEYS[1] hash, KEYS[2] leases; ARGV[1] limit, ARGV[2] lease ms. The records taken, as JSON.
 OUTBOX_TAKE = _LEASES + """
-local taken = {}
-for _, event_id in ipairs(due(KEYS[2], tonumber(ARGV[1]))) do
-  local record = redis.call('HGET', KEYS[1], event_id)
-  if record then
-    lease(KEYS[2], event_id, tonumber(ARGV[2]))
-    table.insert(taken, record)
-  else
-    redis.call('ZREM', KEYS[2], event_id)
-  end
-end
-return taken
+return take(KEYS[2], due(KEYS[2], tonumber(ARGV[1])), tonumber(ARGV[2]),
+            function(event_id) return redis.call('HGET', KEYS[1], event_id) end)
 """
 
 # KEYS[1] hash, KEYS[2] leases; ARGV[1] event_id.
@@ -184,11 +189,11 @@ return 0
 
 # KEYS[1] record, KEYS[2] leases, KEYS[3] account index;
 # ARGV[1] run_id, ARGV[2] answer JSON, ARGV[3] keep ms (0: not kept), ARGV[4] "1" to forget.
-# The finished record when this call finished it, else nil: one completion per run.
+# 1 when this call finished it, else 0: one completion per run.
 FINISH_RUN = f"""
 local current = redis.call('GET', KEYS[1])
 if not current or string.sub(current, 1, {len(RUNNING_HEAD)}) ~= '{RUNNING_HEAD}' then
-  return false
+  return 0
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 local forget = ''
@@ -201,7 +206,7 @@ if tonumber(ARGV[3]) > 0 then
 else
   redis.call('DEL', KEYS[1])
 end
-return finished
+return 1
 """
 
 # KEYS[1] leases; ARGV[1] limit, ARGV[2] lease ms, ARGV[3] record key prefix, ARGV[4] one run_id or "".
@@ -213,17 +218,11 @@ if ARGV[4] ~= '' then
 else
   ids = due(KEYS[1], tonumber(ARGV[1]))
 end
-local taken = {{}}
-for _, id in ipairs(ids) do
+return take(KEYS[1], ids, tonumber(ARGV[2]), function(id)
   local record = redis.call('GET', ARGV[3] .. id)
-  if record and string.sub(record, 1, {len(RUNNING_HEAD)}) == '{RUNNING_HEAD}' then
-    lease(KEYS[1], id, tonumber(ARGV[2]))
-    table.insert(taken, record)
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-return taken
+  if record and string.sub(record, 1, {len(RUNNING_HEAD)}) == '{RUNNING_HEAD}' then return record end
+  return false
+end)
 """
 
 
@@ -386,9 +385,8 @@ class RedisStore:
 
     def finish_run(self, run_id, account, answer, keep, forget=False):
         with _reachable():
-            value = self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account)],
-                                     args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0"])
-            return None if value is None else json.loads(value)
+            return self._finish_run(keys=[_run(run_id), RUN_LEASES, _index(account)],
+                                    args=[run_id, _json(answer), int(keep * 1000), "1" if forget else "0"]) == 1
 
     def drop_run(self, run_id):
         with _reachable():

@@ -13,7 +13,10 @@ Choosing behaviour from a test:
 * A run request's ``profile`` picks its behaviour per call: ``exit:N``,
   ``sleep:SECONDS``, ``never``, ``malformed``, ``wrong-owner``, ``error``,
   ``owner-identity`` (owner under ``owner_identity_id``), ``snake-correlation``
-  (reply carries ``correlation_id``); anything else runs normally.
+  (reply carries ``correlation_id``), ``hold:NAME`` (the reply is made but kept
+  until ``release(NAME)``: a run whose result must not exist before the test says
+  so, e.g. across a process kill); anything else runs normally. ``held(NAME)``
+  counts replies kept under a name.
 * A reply whose publish fails is published again with backoff for up to
   ``publish_retry_for`` seconds, and streams that end are reopened, so the
   responder rides out an Events API restart like a deployed worker.
@@ -62,12 +65,13 @@ OTHER_ITEM = {"id": "run_other", "state": "running", "owner_account_id": "someon
 class _Reply:
     """What to publish for one request; ``None`` from a handler means silence."""
 
-    def __init__(self, payload, error=None, delay=0.0, snake=False, before_send=None):
+    def __init__(self, payload, error=None, delay=0.0, snake=False, before_send=None, hold=None):
         self.payload = payload
         self.error = error
         self.delay = delay
         self.snake = snake
         self.before_send = before_send
+        self.hold = hold
 
 
 def close_stream(resp):
@@ -124,6 +128,8 @@ class Responder:
         self._responses = {}
         self._connected = {name: threading.Event() for name in self.names}
         self._timers = set()
+        self._held = {}  # hold name -> [(request name, correlation id, reply)], until release(name)
+        self._released = set()
         self._handlers = {
             RUN: self._on_run, STATUS: self._on_status, DELETE: self._on_delete,
             RUNNER_STATUS: lambda p: _Reply(
@@ -191,6 +197,20 @@ class Responder:
         """Request envelopes received so far (of one name), in arrival order."""
         with self._lock:
             return [dict(e) for e in self._received if name in (None, e.get("name"))]
+
+    def held(self, name):
+        """How many replies are kept under ``hold:NAME`` now."""
+        with self._lock:
+            return len(self._held.get(name, ()))
+
+    def release(self, name):
+        """Publish the replies kept under ``hold:NAME``, and answer later ones at once; returns how many."""
+        with self._lock:
+            self._released.add(name)
+            held = self._held.pop(name, [])
+        for request_name, correlation, reply in held:
+            self._send(request_name, correlation, reply, None)
+        return len(held)
 
     def runs(self, owner=None):
         """``{run_id: {"owner", "image", "exit_code"}}`` of runs not deleted."""
@@ -266,6 +286,11 @@ class Responder:
         if reply is None:
             return
         correlation = envelope.get("correlationId", envelope.get("correlation_id"))
+        if reply.hold is not None:
+            with self._lock:
+                if reply.hold not in self._released:
+                    self._held.setdefault(reply.hold, []).append((name, correlation, reply))
+                    return
         if reply.delay > 0:
             self._later(reply.delay, self._send, name, correlation, reply, None)
         else:
@@ -361,7 +386,7 @@ class Responder:
                                           "exit_code": exit_code}
 
         return _Reply(result, delay=delay, snake=profile == "snake-correlation",
-                      before_send=remember)
+                      before_send=remember, hold=arg if kind == "hold" else None)
 
     def _on_status(self, payload):
         owner = payload.get("owner_account_id")
