@@ -148,6 +148,7 @@ class LogicalRun:
     own: bool = None  # the result was this run's: owner, run id, stdout
     collected_by: str = None  # detached: "submission", "poll" or "wait"
     wrong: dict = None  # a result that was not this run's, as evidence (its output cut short)
+    # Each attempt: [seconds into the soak when its answer came, call, provider, status].
     attempts: list = dataclasses.field(default_factory=list)
     started: float = dataclasses.field(default_factory=time.monotonic)
     body: dict = None
