@@ -407,7 +407,7 @@ class Chaos:
                 if self._stop.wait(max(0.0, min(FAULT_EVERY, self._stop_at - time.monotonic()))) \
                         or time.monotonic() >= self._stop_at:
                     return
-                self._say(f"{text}")
+                self._say(text)
                 try:
                     act()
                     self.done[fault] += 1
