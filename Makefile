@@ -41,7 +41,9 @@ bench: $(BIN)/.installed
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk)
 	$(BIN)/python -m benchmarks
 
-# A bounded chaos run (SOAK_SECONDS, default 120): Events API restarts, killed workers, provider restarts.
+# A bounded chaos run (SOAK_SECONDS, default 120, then a bounded drain): foreground and detached clients
+# under Events API, Redis (append-only) and provider restarts and SIGKILLs; exits non-zero when a run was
+# executed twice, lost, not billed exactly once, or answered outside the contract. Logs: SOAK_LOG_DIR.
 soak: $(BIN)/.installed
 	sh tools/ensure-tools.sh redis-server
 	$(BIN)/python tools/soak.py

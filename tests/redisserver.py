@@ -1,9 +1,14 @@
-"""A real redis-server for tests: on a free 127.0.0.1 port, nothing on disk, stoppable and restartable.
+"""A real redis-server for tests: on a free 127.0.0.1 port, stoppable and restartable.
 
     with RedisServer() as server:      # or server = RedisServer().start() ... server.stop()
         env(BUS_CONTAINERS_STATE_URL=server.url)
-        server.stop(); server.start()  # the store goes down and comes back on the same port
+        server.stop(); server.start()  # the store goes down and comes back on the same port, empty
         server.pause(); server.resume()  # it hangs (accepts connections, answers nothing)
+
+    RedisServer(appendonly=True)       # the store a deployment is expected to run (CONTRACT §7):
+        server.restart()               # an append-only file in its data dir, so keys survive a restart
+
+Without `appendonly` nothing is written to disk, so a restart loses every key.
 
 The binary comes from the Debian package redis-server (tools/ensure-tools.sh).
 """
@@ -47,13 +52,17 @@ def command(port: int, *words: str, timeout: float = 1.0) -> bytes:
 class RedisServer:
     """One redis-server child process; the port stays the same across stop() and start()."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, appendonly=False, appendfsync="always"):
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed: run tools/ensure-tools.sh (as root) first")
         self.binary = binary
         self.port = port
         self._fixed_port = port is not None
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.dir = None
         self.process = None
 
@@ -77,11 +86,14 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not start on 127.0.0.1:{self.port}: {self._log_tail()}")
 
     def _spawn(self) -> bool:
+        # No RDB snapshots either way: with appendonly the AOF alone is what a restart reads back.
+        persistence = ["--appendonly", "yes", "--appendfsync", self.appendfsync] if self.appendonly \
+            else ["--appendonly", "no"]
         log = open(os.path.join(self.dir, "redis.log"), "ab")
         try:
             self.process = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", "--logfile", ""],
+                 *persistence, "--dir", self.dir, "--daemonize", "no", "--logfile", ""],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
@@ -91,6 +103,7 @@ class RedisServer:
                 self.process = None
                 return False
             try:
+                # PING answers -LOADING while an append-only file is read back: not up yet.
                 if command(self.port, "PING") == b"+PONG":
                     return True
             except OSError:
@@ -100,7 +113,10 @@ class RedisServer:
         return False
 
     def stop(self):
-        """Stop the server (the store goes down); start() brings it back empty, on the same port."""
+        """Stop the server (SIGTERM, so an append-only file is flushed); start() brings it back on the same port.
+
+        It comes back empty, or with its keys when it runs with `appendonly`.
+        """
         if self.process is None:
             return
         self.resume()
@@ -110,6 +126,12 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self._kill()
         self.process = None
+
+    def restart(self, down=0.0):
+        """Stop, stay down `down` seconds, start again on the same port and data dir."""
+        self.stop()
+        time.sleep(down)
+        return self.start()
 
     def pause(self):
         """Freeze the server: connections are still accepted by the kernel, nothing is answered."""
