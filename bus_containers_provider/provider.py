@@ -214,7 +214,9 @@ class Provider:
         try:
             record = self.records.read(run_id)
         except StateUnavailable:
-            return None  # §7: reads and deletes still work while the store is down, as the backend answers them
+            # §7: reads and deletes still work while the store is down: from the record when this process
+            # holds it, else as the backend answers them.
+            record = self.records.held(run_id)
         return record if record is not None and record["owner_account_id"] == account else None
 
     def _usage_now(self, run: RunRequest) -> None:

@@ -341,6 +341,16 @@ class RunRecords:
         record = self.store.read_run(run_id)
         return None if record is None or record.get("forgotten") else record
 
+    def held(self, run_id: str) -> Optional[dict]:
+        """The record as this process holds it (running, or answered and not yet stored), or None."""
+        with self._lock:
+            live = self._live.get(run_id)
+        if live is None:
+            return None
+        if live.answer is not None:
+            return dict(live.record, state=FINISHED, answer=live.answer.stored())
+        return dict(live.record)
+
     def await_finished(self, run_id: str, timeout: float, gone: Callable[[], Optional[str]] = never,
                        adopt: bool = False) -> Optional[dict]:
         """The record once finished, or as it is when `timeout` passes or the caller goes.

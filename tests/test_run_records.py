@@ -326,3 +326,28 @@ def test_a_finished_runs_usage_record_outlives_the_process_that_finished_it():
     wait_until(lambda: finished(here.store), what="the record finished")
     taken = wait_until(lambda: here.store.outbox_take(10, 60), what="the usage record taken from the outbox")
     assert [(e["event_type"], e["data"]["run_id"]) for e in taken] == [("container_run_finished", "run_1")]
+
+
+class Unreachable(MemoryStore):
+    down = False
+
+    def read_run(self, run_id):
+        if self.down:
+            raise StateUnavailable()
+        return super().read_run(run_id)
+
+
+def test_while_the_store_is_away_a_read_of_a_run_held_here_is_answered_from_it():
+    from bus_containers_provider import create_app
+    from conftest import bearer, env
+
+    app = create_app(env())
+    provider = app.extensions["bus_containers"]
+    store = Unreachable()
+    provider.records = RunRecords(store, Backend(), MemoryUsage(), provider.controls, SETTINGS)
+    live = provider.records.open(RunRequest(run_id="run_1", owner_account_id="acct-a", command=["x"],
+                                            image="alpine"), Key(), detached=True)
+    store.down = True
+    read = app.test_client().get("/api/v1/containers/runs/run_1", headers=bearer("acct-a"))
+    assert read.status_code == 200 and read.get_json()["state"] == "running"
+    assert live.run_id == "run_1"
