@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 import requests
-import responses
 
 from conftest import EVENTS_TOKEN, WORKER_TOKEN
 from inflight import wait_until
@@ -194,13 +193,11 @@ def test_a_given_client_is_used(events_server):
     client.close()
 
 
-@responses.activate
-def test_the_own_client_publishes_with_the_request_timeout():
-    bus = Bus(settings("http://events.test", request_timeout=7.0))
-    responses.post("http://events.test/api/v1/events", status=202)
+def test_the_own_client_publishes_with_the_request_timeout(events_server):
+    bus = Bus(settings(events_server.url, request_timeout=7.0))
     bus.notify(REQUEST, {})
-    assert responses.calls[0].request.req_kwargs["timeout"] == (5.0, 7.0)
-    assert responses.calls[0].request.headers["Authorization"] == f"Bearer {EVENTS_TOKEN}"
+    assert bus.client._publisher._timeouts == (5.0, 7.0)
+    assert [e["name"] for e in events_server.published()] == [REQUEST]  # with the provider's token
     bus.stop()
 
 

@@ -18,7 +18,6 @@ from bus_containers_provider.bus.replies import ReplyRegistry
 pytestmark = pytest.mark.timeout(30)
 
 BASE = "http://events.test"
-PUBLISH = f"{BASE}/api/v1/events"
 STREAM = f"{BASE}/api/v1/events/stream"
 TOKEN = "secret-provider-token"
 
@@ -28,43 +27,6 @@ def client():
     events = EventsClient(BASE, TOKEN, connect_timeout=1, publish_timeout=1)
     yield events
     events.close()
-
-
-@responses.activate
-def test_publish_sends_the_envelope_with_the_bearer(client):
-    responses.post(PUBLISH, status=202, json={"accepted": True, "id": "1", "name": "a.request"})
-    client.publish("a.request", "cid-1", {"x": 1})
-    sent = responses.calls[0].request
-    assert json.loads(sent.body) == {"name": "a.request", "correlationId": "cid-1", "payload": {"x": 1}}
-    assert sent.headers["Authorization"] == f"Bearer {TOKEN}"
-
-
-@responses.activate
-@pytest.mark.parametrize("failure,expected", [
-    (requests.ConnectionError("refused"), EventsUnavailable),
-    (requests.ConnectTimeout("slow"), EventsUnavailable),
-    (requests.ReadTimeout("slow"), EventsUnavailable),
-])
-def test_publish_transport_failures_are_unavailable(client, failure, expected):
-    responses.post(PUBLISH, body=failure)
-    with pytest.raises(expected) as raised:
-        client.publish("a.request", "cid", {})
-    assert TOKEN not in str(raised.value)
-
-
-@responses.activate
-@pytest.mark.parametrize("status,expected,unauthorized,malformed", [
-    (400, EventsRejected, False, True), (401, EventsRejected, True, False), (403, EventsRejected, True, False),
-    (404, EventsRejected, False, True), (429, EventsRejected, False, False), (201, EventsUnavailable, None, None),
-    (500, EventsUnavailable, None, None), (503, EventsUnavailable, None, None),
-])
-def test_publish_statuses(client, status, expected, unauthorized, malformed):
-    responses.post(PUBLISH, status=status, json={"error": "no"})
-    with pytest.raises(expected) as raised:
-        client.publish("a.request", "cid", {})
-    if unauthorized is not None:
-        assert raised.value.unauthorized is unauthorized and raised.value.status == status
-        assert raised.value.malformed is malformed
 
 
 @responses.activate
@@ -120,33 +82,6 @@ def test_a_line_over_the_limit_is_discarded_and_the_stream_carries_on(client, ca
 
 def test_repr_never_shows_the_token(client):
     assert TOKEN not in repr(client)
-
-
-@responses.activate
-def test_publishes_borrow_an_idle_session_and_never_share_one_in_use(client):
-    in_flight, second_done = threading.Event(), threading.Event()
-    used = []
-
-    def accept(request):
-        used.append(threading.current_thread().name)
-        if len(used) == 1:  # the first publish stays in flight until the second one is done
-            in_flight.set()
-            assert second_done.wait(10)
-        return 202, {}, json.dumps({"accepted": True})
-
-    responses.add_callback(responses.POST, PUBLISH, callback=accept)
-    first = threading.Thread(target=client.publish, args=("a.request", "c1", {}), name="first")
-    first.start()
-    assert in_flight.wait(10)
-    client.publish("a.request", "c2", {})  # the first one's session is taken: a second is made
-    second_done.set()
-    first.join(10)
-    assert len(client._sessions) == 2
-    for n in range(3):  # one at a time, from other threads: the idle sessions are reused
-        worker = threading.Thread(target=client.publish, args=("a.request", f"c{n + 3}", {}))
-        worker.start()
-        worker.join(10)
-    assert len(client._sessions) == 2 and len(used) == 5
 
 
 def test_stream_sessions_are_per_thread(client):
@@ -354,8 +289,6 @@ def test_sessions_read_no_proxy_or_netrc_from_the_environment(client, monkeypatc
     assert session.trust_env is False
     assert session.verify == str(tmp_path / "ca.pem")  # a private CA bundle is still honoured
     assert client._session().trust_env is False
-    with client._borrowed() as borrowed:
-        assert borrowed.trust_env is False
 
 
 class TestCancelWatch:
@@ -465,36 +398,6 @@ def test_a_proxy_in_the_environment_is_not_used_for_the_events_api(events_server
 # --- what goes on the wire, exactly: the contract's names, timeouts and messages -------------
 
 @responses.activate
-@pytest.mark.parametrize("base", [BASE, BASE + "/", BASE + "//"])
-def test_only_trailing_slashes_of_the_base_url_are_trimmed(base):
-    events = EventsClient(base, TOKEN)
-    responses.post(PUBLISH, status=202)
-    events.publish("a.request", "cid", {})
-    assert responses.calls[0].request.url == PUBLISH
-    events.close()
-
-
-@responses.activate
-def test_a_base_url_path_is_kept():
-    events = EventsClient(f"{BASE}/X/", TOKEN)
-    responses.post(f"{BASE}/X/api/v1/events", status=202)
-    events.publish("a.request", "cid", {})
-    assert responses.calls[0].request.url == f"{BASE}/X/api/v1/events"
-    events.close()
-
-
-@responses.activate
-def test_default_timeouts_are_5_s_to_connect_and_30_s_to_publish():
-    events = EventsClient(BASE, TOKEN)
-    responses.post(PUBLISH, status=202)
-    responses.get(STREAM, body=b"")
-    events.publish("a.request", "cid", {})
-    events.open_stream("a.response", 42).close()
-    assert [call.request.req_kwargs["timeout"] for call in responses.calls] == [(5.0, 30.0), (5.0, 42)]
-    events.close()
-
-
-@responses.activate
 @pytest.mark.parametrize("options,query", [
     ({}, {"name": ["a.response"], "delivery": ["broadcast"]}),
     ({"replay": True}, {"name": ["a.response"], "delivery": ["broadcast"], "replay": ["true"]}),
@@ -537,45 +440,24 @@ def test_stream_passes_its_idle_timeout_session_and_raw_body():
 @responses.activate
 @pytest.mark.parametrize("status", [300, 307, 399])
 def test_a_redirect_is_not_followed_and_says_why(client, status):
-    for method in (responses.POST, responses.GET):
-        responses.add(method, PUBLISH if method == responses.POST else STREAM, status=status,
-                      headers={"Location": "http://elsewhere.test/"})
-    with pytest.raises(EventsUnavailable) as publish:
-        client.publish("a.request", "cid", {})
+    responses.get(STREAM, status=status, headers={"Location": "http://elsewhere.test/"})
     with pytest.raises(EventsUnavailable) as stream:
         client.open_stream("a.response", 1)
     advice = "a redirect, which is not followed (set BUS_EVENTS_API_URL to the Events API itself)"
-    assert str(publish.value) == f"publishing a.request: the Events API answered {status}, {advice}"
     assert str(stream.value) == f"opening the a.response stream: the Events API answered {status}, {advice}"
-    assert len(responses.calls) == 2  # nothing was sent to elsewhere.test
+    assert len(responses.calls) == 1  # nothing was sent to elsewhere.test
 
 
 @responses.activate
 @pytest.mark.parametrize("status,kind", [(400, EventsRejected), (429, EventsRejected), (499, EventsRejected),
                                          (500, EventsUnavailable), (503, EventsUnavailable)])
 def test_refusal_messages_name_the_action_and_the_status(client, status, kind):
-    responses.post(PUBLISH, status=status)
     responses.get(STREAM, status=status)
-    with pytest.raises(kind) as publish:
-        client.publish("a.request", "cid", {})
     with pytest.raises(kind) as stream:
         client.open_stream("a.response", 1)
-    assert str(publish.value) == f"publishing a.request: the Events API answered {status}"
     assert str(stream.value) == f"opening the a.response stream: the Events API answered {status}"
     if kind is EventsRejected:
-        assert publish.value.status == status and stream.value.status == status
-
-
-@responses.activate
-@pytest.mark.parametrize("failure,message", [
-    (requests.ConnectionError("refused"), "publishing a.request failed: ConnectionError"),
-    (requests.ReadTimeout("slow"), "publishing a.request timed out"),
-])
-def test_publish_failure_messages(client, failure, message):
-    responses.post(PUBLISH, body=failure)
-    with pytest.raises(EventsUnavailable) as raised:
-        client.publish("a.request", "cid", {})
-    assert str(raised.value) == message
+        assert stream.value.status == status
 
 
 @responses.activate

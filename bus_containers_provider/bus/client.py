@@ -3,11 +3,12 @@ import json
 import logging
 import os
 import threading
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import requests
 import urllib3
+
+from .publisher import Publisher, PublishFailed, PublishTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -57,40 +58,36 @@ class EventsRejected(EventsError):
         return self.status in self.MALFORMED
 
 
+def ca_bundle() -> Optional[str]:
+    """A private CA bundle named by REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, as requests reads them."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
+
+
 def new_session() -> requests.Session:
     """A Session that reads no proxy settings or .netrc from the environment on every request.
 
-    With trust_env (requests' default) each publish looks up proxy variables,
+    With trust_env (requests' default) each request looks up proxy variables,
     no_proxy and ~/.netrc again. The Events API is reached directly with our
-    own bearer; a private CA bundle named by REQUESTS_CA_BUNDLE or
-    CURL_CA_BUNDLE is still used, read once here.
+    own bearer; a private CA bundle is still used, read once here.
     """
     session = requests.Session()
     session.trust_env = False
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    bundle = ca_bundle()
     if bundle:
         session.verify = bundle
     return session
 
 
 class EventsClient:
-    """Publishes over a pool of Sessions, each used by one thread at a time; streams with a Session per listener.
-
-    A run's request thread publishes once and then waits: a Session (and its
-    kept-alive connection) per thread would be built and connected afresh for
-    nearly every run in a burst. Publishes borrow an idle Session instead, the
-    most recently used first (its connection is the likeliest still open), so
-    the pool grows only to the number of publishes in flight at once.
-    """
+    """Publishes over a pool of kept-alive connections (publisher.py); streams with a Session per listener."""
 
     def __init__(self, base_url: str, token: str, connect_timeout: float = 5.0, publish_timeout: float = 30.0):
         self._url = base_url.rstrip("/") + EVENTS_PATH
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._timeouts = (connect_timeout, publish_timeout)
+        self._publisher = Publisher(self._url, connect_timeout, publish_timeout, ca_bundle())
         self._connect_timeout = connect_timeout
         self._local = threading.local()
         self._sessions = []
-        self._idle = []  # sessions no thread is using, most recently returned last
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -109,37 +106,25 @@ class EventsClient:
             session = self._local.session = self._new_session()
         return session
 
-    @contextmanager
-    def _borrowed(self) -> Iterator[requests.Session]:
-        with self._lock:
-            session = self._idle.pop() if self._idle else None
-        session = session or self._new_session()
-        try:
-            yield session
-        finally:
-            with self._lock:
-                self._idle.append(session)
-
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions, self._idle = self._sessions, [], []
+            sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        self._publisher.close()
 
     def publish(self, name: str, correlation_id: str, payload: dict) -> None:
-        body = {"name": name, "correlationId": correlation_id, "payload": payload}
+        # The publisher never follows a redirect: the token and the payload go to the configured origin or nowhere.
         try:
-            # Prepared without the Session: its cookie jar and default headers would be merged into
-            # every publish (~100 µs), and the Events API needs neither.
-            prepared = requests.Request("POST", self._url, headers=self._headers, json=body).prepare()
-            # Never follow a redirect: the token and the payload go to the configured origin or nowhere.
-            with self._borrowed() as session:
-                response = session.send(prepared, timeout=self._timeouts, allow_redirects=False)
-        except requests.Timeout as exc:
+            body = json.dumps({"name": name, "correlationId": correlation_id, "payload": payload},
+                              separators=(",", ":"), allow_nan=False).encode()
+            status = self._publisher.post(body, _header_lines(self._headers))
+        except PublishTimedOut as exc:
             raise EventsUnavailable(f"publishing {name} timed out") from exc
-        except requests.RequestException as exc:
-            raise EventsUnavailable(f"publishing {name} failed: {type(exc).__name__}") from exc
-        _check(response, f"publishing {name}")
+        except (PublishFailed, ValueError, TypeError) as exc:
+            reason = exc if isinstance(exc, PublishFailed) else type(exc).__name__
+            raise EventsUnavailable(f"publishing {name} failed: {reason}") from exc
+        _check(status, f"publishing {name}")
 
     def open_stream(self, name: str, read_timeout: float, session: Optional[requests.Session] = None, *,
                     replay: bool = False, follow: bool = True) -> requests.Response:
@@ -156,7 +141,7 @@ class EventsClient:
         except requests.RequestException as exc:
             raise EventsUnavailable(f"opening the {name} stream failed: {type(exc).__name__}") from exc
         try:
-            _check(response, f"opening the {name} stream")
+            _check(response.status_code, f"opening the {name} stream")
         except EventsError:
             response.close()
             raise
@@ -239,13 +224,20 @@ def _parse(line: bytes, name: str) -> Optional[dict]:
     return envelope
 
 
-def _check(response: requests.Response, what: str) -> None:
-    if response.status_code in (200, 202):
+def _header_lines(headers: dict) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    if lines.count("\n") != len(headers) or lines.count("\r") != len(headers) or "\0" in lines:
+        raise ValueError("a header value holds a line break")  # never a request smuggled in a token
+    return lines.encode("latin-1")
+
+
+def _check(status: int, what: str) -> None:
+    if status in (200, 202):
         return
-    if 300 <= response.status_code < 400:
+    if 300 <= status < 400:
         # Followed, a redirect would carry the provider's token and payloads to wherever it points.
-        raise EventsUnavailable(f"{what}: the Events API answered {response.status_code}, a redirect, which is "
+        raise EventsUnavailable(f"{what}: the Events API answered {status}, a redirect, which is "
                                 "not followed (set BUS_EVENTS_API_URL to the Events API itself)")
-    if 400 <= response.status_code < 500:
-        raise EventsRejected(response.status_code, f"{what}: the Events API answered {response.status_code}")
-    raise EventsUnavailable(f"{what}: the Events API answered {response.status_code}")
+    if 400 <= status < 500:
+        raise EventsRejected(status, f"{what}: the Events API answered {status}")
+    raise EventsUnavailable(f"{what}: the Events API answered {status}")

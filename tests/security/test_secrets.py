@@ -4,8 +4,6 @@ document. A plain-http Events URL to another host is warned about at start-up.
 """
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -15,43 +13,9 @@ from bus_containers_provider.bus.client import EventsClient, EventsUnavailable
 from bus_containers_provider.config import load_settings
 from bus_containers_provider.serving import gunicorn_options
 from conftest import EVENTS_TOKEN, SECRET, bearer, env, events_env, token
+from recorder import Recorder
 
 PROVIDER_TOKEN = "provider-events-token-never-to-leave"
-
-
-class Recorder(ThreadingHTTPServer):
-    """An HTTP server on 127.0.0.1 that answers every request with `answer(handler)` and records it."""
-
-    daemon_threads = True
-
-    def __init__(self, answer):
-        self.answer = answer
-        self.seen = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                server.seen.append((self.command, self.path, dict(self.headers)))
-                server.answer(self)
-
-            do_GET = do_POST = _any
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self):
-        return self.server_address[1]
-
-    def close(self):
-        self.shutdown()
-        self.server_close()
 
 
 def accept(handler):
