@@ -5,15 +5,17 @@ from marshmallow import (
     EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates, validates_schema,
 )
 
-# CONTRACT §7: env and stdin limits; and a command cap (count and bytes) of our own.
+from . import fastpath
+from .fastpath import MAX_COMMAND_BYTES, MAX_COMMAND_ITEMS
+from .fastpath import owner_from_identity as _owner_from_identity
+
+# CONTRACT §7: env and stdin limits (the command's cap, of our own, is in fastpath.py).
 MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 32 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Run ids the provider and integrations hand out: letters, digits and ._:- (the request id's
 # alphabet), up to 128 characters, not starting with a dot.
 RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}")
-MAX_COMMAND_ITEMS = 1024
-MAX_COMMAND_BYTES = 128 * 1024
 # The outcomes a run result may carry (§7 "Outcome status").
 RUN_STATUSES = ("succeeded", "failed", "timed_out", "cancelled", "error")
 
@@ -25,6 +27,26 @@ class StrictBoolean(fields.Boolean):
         if not isinstance(value, bool):
             raise self.make_error("invalid")
         return value
+
+
+class Plain:
+    """A schema whose instance may carry fastpath readers: `fast_load`, `fast_dump` (None: not that case)."""
+
+    def load(self, data, *, many=None, partial=None, unknown=None):
+        fast = getattr(self, "fast_load", None)
+        if fast is not None and many is None and partial is None and unknown is None:
+            loaded = fast(data)
+            if loaded is not None:
+                return loaded
+        return super().load(data, many=many, partial=partial, unknown=unknown)
+
+    def dump(self, obj, *, many=None):
+        fast = getattr(self, "fast_dump", None)
+        if fast is not None and many is None:
+            dumped = fast(obj)
+            if dumped is not None:
+                return dumped
+        return super().dump(obj, many=many)
 
 
 class Reply(Schema):
@@ -68,7 +90,7 @@ class WholeNumber(fields.Integer):
         return super()._validated(value)
 
 
-class RunRequestSchema(Schema):
+class RunRequestSchema(Plain, Schema):
     """Body of POST /runs: a profile and/or an image, and the command to run."""
 
     class Meta:
@@ -118,7 +140,7 @@ class RuntimeSchema(Reply):
     provider = fields.String(required=True)
 
 
-class RunResultSchema(OwnedReply):
+class RunResultSchema(Plain, OwnedReply):
     """A finished run, as answered to the caller and as read from a run reply."""
 
     run_id = fields.String(required=True)
@@ -230,16 +252,12 @@ def _command(data) -> list:
     return data["command"] if "command" in data else data.get("args") or []
 
 
-def _owner_from_identity(data):
-    # Integrations may name the owner owner_identity_id; it means the same account.
-    if isinstance(data, dict) and "owner_account_id" not in data and "owner_identity_id" in data:
-        data = dict(data, owner_account_id=data["owner_identity_id"])
-    return data
-
-
 run_request_schema = RunRequestSchema()
+run_request_schema.fast_load = fastpath.run_request
 run_result_schema = RunResultSchema()
+run_result_schema.fast_load = fastpath.run_result
 run_answer_schema = RunAnswerSchema()
+run_answer_schema.fast_dump = fastpath.run_answer
 status_item_schema = StatusItemSchema()
 items_schema = ItemsSchema()
 delete_result_schema = DeleteResultSchema()
