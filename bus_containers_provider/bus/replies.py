@@ -140,10 +140,10 @@ class ReplyRegistry:
             if reason is None:
                 self._waiters[correlation_id] = waiter
                 first = self._count(reply_name, 1) == 1
-                wanted = self._wanted.setdefault(reply_name, threading.Event())
+                wanted = self._wanted_event(reply_name) if first else None
         if reason is not None:
             raise ListenerDown(f"the {reply_name} listener is not connected ({reason})")
-        if first:
+        if first and not wanted.is_set():
             wanted.set()  # a stream read in batches is read at once again, before the request is published
         return waiter
 
@@ -151,12 +151,18 @@ class ReplyRegistry:
         count = self._counts[reply_name] = self._counts.get(reply_name, 0) + change
         return count
 
+    def _wanted_event(self, reply_name: str) -> threading.Event:
+        wanted = self._wanted.get(reply_name)
+        if wanted is None:
+            wanted = self._wanted[reply_name] = threading.Event()
+        return wanted
+
     def until_wanted(self, reply_name: str, timeout: float) -> None:
         """Return at once while a waiter on `reply_name` is pending; else when one registers, or after `timeout`."""
         with self._lock:
             if self._counts.get(reply_name):
                 return
-            wanted = self._wanted.setdefault(reply_name, threading.Event())
+            wanted = self._wanted_event(reply_name)
             wanted.clear()
         wanted.wait(timeout)
 
