@@ -37,8 +37,10 @@ fuzz: $(BIN)/.installed
 		--hypothesis-seed=$(FUZZ_SEED) tests/test_fuzz.py tests/test_reply_fuzz.py \
 		tests/security/test_openapi_rules.py tests/security/test_schemathesis_all.py tests/test_openapi.py
 
+# py-spy (the profile benchmark) is for benchmarks only: the product and its tests never need it.
 bench: $(BIN)/.installed
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk)
+	test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet -c constraints.txt py-spy
 	$(BIN)/python -m benchmarks
 
 # A bounded chaos run (SOAK_SECONDS, default 120, then a bounded drain): foreground and detached clients

@@ -2,7 +2,8 @@
 
 Each module runs alone too (`python -m benchmarks.overhead`, ...); BENCHMARKS.md
 records the latest figures. BENCH_ROUNDS and BENCH_SECONDS shorten or
-lengthen the wrk rounds; BENCH_ONLY=overhead,capacity runs a subset.
+lengthen the wrk rounds; BENCH_ONLY=overhead,capacity runs a subset. A new
+benchmark is a module with `run(table)`, added to BENCHMARKS below.
 A benchmark whose requests failed (anything but 200) makes the run exit
 non-zero after the table: its figures measured refusals, not the provider.
 """
@@ -11,11 +12,12 @@ import platform
 import sys
 import time
 
-from . import capacity, detached, fanout, metrics, overhead, registry, roundtrip
+from . import capacity, detached, fanout, metrics, overhead, profile, registry, roundtrip
 from .common import Table
 
 BENCHMARKS = {"overhead": overhead.run, "metrics": metrics.run, "roundtrip": roundtrip.run,
-              "capacity": capacity.run, "fanout": fanout.run, "registry": registry.run, "detached": detached.run}
+              "capacity": capacity.run, "fanout": fanout.run, "profile": profile.run, "registry": registry.run,
+              "detached": detached.run}
 
 
 def main() -> int:

@@ -1,15 +1,19 @@
-"""Capacity: thousands of runs held at once through the events backend.
+"""Capacity: thousands of runs held at once through the events backend, spread evenly over the workers.
 
 1. The Events side alone: the benchmark Events API and worker (events.py)
    turning N held runs around for a caller that publishes straight to it,
    and the same for the in-repo test server and responder, for comparison.
-2. The provider (2 workers, threads sized for an uneven split) in front of the
-   same Events API, loaded by N asyncio callers at once. Figures: wall time
-   against the Events side alone, errors, crossed replies (each caller checks
-   that its result echoes its own command), peak memory of all provider
-   processes per in-flight run, and how the callers' connections split over
-   the workers.
+2. Even workers and intake, in paired rounds: the provider (2 workers, each
+   with a run capacity just over half of N) in front of the same Events API,
+   loaded by N asyncio callers at once, each round right after a round of
+   the Events side alone. Per round: answers refused (a worker's run
+   capacity taken), how the callers split over the workers, the provider's
+   CPU per run (all its processes) and its wall time over the Events side.
+   Also crossed replies (each caller checks its result echoes its own
+   command) and peak memory per in-flight run.
+3. 5,000 runs once, threads sized the same way.
 """
+import itertools
 import math
 import os
 import threading
@@ -19,21 +23,22 @@ from pathlib import Path
 from bus_containers_provider.config import Settings
 
 from .client import direct_runs, post_runs
-from .common import EVENTS_TOKEN, WORKER_TOKEN, console_script, free_port, provider_env, rss_kib, token, tree
+from .common import (
+    EVENTS_TOKEN, WORKER_TOKEN, console_script, cpu_seconds, free_port, median, provider_env, rss_kib, token, tree,
+)
 from .events import fast_events
 
 HOLD = "sleep:5"
 TIMEOUT = 90.0
+ROUNDS = int(os.environ.get("BENCH_CAPACITY_ROUNDS", "10"))
+# Run capacity per worker beyond an even share of the burst: the workers spread it (board.py).
+MARGIN = 17
 
 
-# The busier of 2 workers took 55-61 % of the callers (one listening socket shared by both;
-# the worker whose main loop is freer accepts more): threads are sized for two thirds.
-BUSIER_SHARE = 2 / 3
-
-
-def threads_for(in_flight: int) -> int:
-    """Threads per worker (of 2) so the busier one's share of `in_flight` fits its run capacity (7/8 of them)."""
-    return math.ceil((in_flight * BUSIER_SHARE + 8) * 8 / 7)
+def threads_for(in_flight: int, workers: int = 2) -> int:
+    """The fewest threads per worker whose run capacity holds an even share of `in_flight`, plus MARGIN."""
+    share = math.ceil(in_flight / workers) + MARGIN
+    return next(t for t in itertools.count(share) if Settings(jwt_secret="x", threads=t).run_capacity >= share)
 
 
 def callers(pid: int, port: int) -> int:
@@ -105,28 +110,41 @@ def base_rss(events_url: str) -> int:
         return rss_kib(tree(provider.pid))
 
 
-def through_provider(events_url: str, in_flight: int) -> dict:
-    env = provider_events_env()
+def held_burst(provider, caller: str, in_flight: int) -> dict:
+    """One burst of `in_flight` held runs: answers, split, CPU per run and peak memory."""
+    sampler = Sampler(provider.pid, int(provider.url.rsplit(':', 1)[1]))
+    sampler.start()
+    before = cpu_seconds(sampler.pids)
+    result = post_runs(provider.url, caller, in_flight, profile=HOLD, timeout=TIMEOUT)
+    used = cpu_seconds(sampler.pids) - before
+    sampler.done.set()
+    sampler.join(2)
+    refused = result["statuses"].get(503, 0)
+    return dict(result, cpu_ms=used / in_flight * 1000, split=sampler.split(), refused=refused,
+                peak_rss=sampler.peak_rss, idle_rss=sampler.idle_rss, workers=sampler.workers)
+
+
+def paired_rounds(events_url: str, in_flight: int, rounds: int) -> dict:
+    """`rounds` of (the Events side alone, then the same burst through one long-lived provider)."""
     threads = threads_for(in_flight)
     base = base_rss(events_url)
-    with console_script(*provider_args(events_url, threads), env=env) as provider:
+    figures = []
+    with console_script(*provider_args(events_url, threads), env=provider_events_env()) as provider:
         caller = token("bench-account", "container:run")
-        post_runs(provider.url, caller, 20, profile="instant")  # warm each worker's sessions
-        time.sleep(0.5)
-        sampler = Sampler(provider.pid, int(provider.url.rsplit(':', 1)[1]))
-        sampler.start()
-        result = post_runs(provider.url, caller, in_flight, profile=HOLD, timeout=TIMEOUT)
-        sampler.done.set()
-        sampler.join(2)
-        # Workers inherit the master's limits; a worker may have been replaced meanwhile.
+        post_runs(provider.url, caller, 20, profile="instant")  # warm each worker's connections
+        for number in range(rounds):
+            time.sleep(0.5)
+            alone = direct_runs(events_url, EVENTS_TOKEN, in_flight, profile=HOLD, timeout=TIMEOUT)
+            burst = held_burst(provider, caller, in_flight)
+            burst.update(alone=alone, over=burst["wall"] - alone)
+            print(f"    round {number + 1}: {burst['refused']} refused, split {burst['split']}, "
+                  f"{burst['cpu_ms']:.2f} ms CPU per run, {burst['over']:+.2f} s over the Events side alone",
+                  flush=True)
+            figures.append(burst)
         stack = stack_kib(provider.pid)
-        replaced = sorted(set(sampler.workers) - set(tree(provider.pid)[1:]))
-    result.update(threads=threads, capacity=Settings(jwt_secret="x", threads=threads).run_capacity,
-                  stack_kib=stack, base_rss=base,
-                  # Request threads start at boot, so the idle figure holds their stacks: count from a 32-thread one.
-                  rss_per_run=(sampler.peak_rss - base) / max(result["ok"], 1), idle_rss=sampler.idle_rss,
-                  peak_rss=sampler.peak_rss, split=sampler.split(), replaced=replaced)
-    return result
+        replaced = sorted({pid for f in figures for pid in f["workers"]} - set(tree(provider.pid)[1:]))
+    return {"rounds": figures, "threads": threads, "stack_kib": stack, "base_rss": base, "replaced": replaced,
+            "capacity": Settings(jwt_secret="x", threads=threads).run_capacity}
 
 
 def in_repo_alone(in_flight: int) -> float:
@@ -136,7 +154,43 @@ def in_repo_alone(in_flight: int) -> float:
         return direct_runs(url, EVENTS_TOKEN, in_flight, profile=HOLD, timeout=TIMEOUT)
 
 
-def run(table, counts=(1000, 5000), in_repo: bool = True) -> dict:
+def report(table, count: int, measured: dict, first: bool) -> None:
+    rounds = measured["rounds"]
+    what = f"{count} runs held 5 s, 2 workers × {measured['threads']} threads (run capacity {measured['capacity']} each)"
+    for burst in rounds:
+        errors = count - burst["ok"]
+        if errors or burst["crossed"]:
+            others = {k: v for k, v in burst["statuses"].items() if k != 200}
+            table.error(f"capacity {count}", f"{errors} failed {others}, {burst['crossed']} crossed")
+    if measured["replaced"]:
+        # Its figures measured a restart, not the provider holding the runs.
+        table.error(f"capacity {count}", f"worker(s) {measured['replaced']} exited during the run")
+    refused = [b["refused"] for b in rounds]
+    table.add(f"even workers: refused for capacity, {what}, each of {len(rounds)} rounds",
+              ", ".join(str(n) for n in refused), "0 in every round", not any(refused))
+    table.add(f"even workers: callers held per worker at peak ({count}), each round",
+              ", ".join("/".join(str(n) for n in b["split"]) for b in rounds))
+    cpu = [b["cpu_ms"] for b in rounds]
+    over = [b["over"] for b in rounds]
+    errors = sum(count - b["ok"] for b in rounds)
+    crossed = sum(b["crossed"] for b in rounds)
+    span = f"(median of {len(rounds)}; {min(cpu):.2f}-{max(cpu):.2f})" if len(rounds) > 1 else ""
+    table.add(f"intake: provider CPU per events run, {count} in flight (all provider processes)",
+              f"{median(cpu):.2f} ms {span}", "≤ 1.0 ms" if first else "", median(cpu) <= 1.0 if first else None)
+    alone = median([b["alone"] for b in rounds])
+    table.add(f"intake: provider wall over the Events side alone ({alone:.2f} s), {what}",
+              f"{median(over):+.2f} s (median of {len(rounds)} paired rounds; {min(over):+.2f} to {max(over):+.2f}); "
+              f"{errors} errors, {crossed} crossed", "≤ +0.4 s, 0 errors, 0 crossed" if first else "0 errors, 0 crossed",
+              (median(over) <= 0.4 or not first) and not errors and not crossed)
+    peak = max(b["peak_rss"] for b in rounds)
+    per_run = (peak - measured["base_rss"]) / count
+    table.add(f"capacity: peak RSS of all provider processes per in-flight run ({count})",
+              f"{per_run:.0f} KiB (peak {peak / 1024:.0f} MiB − {measured['base_rss'] / 1024:.0f} MiB of an idle "
+              f"32-thread provider; idle with its threads {rounds[0]['idle_rss'] / 1024:.0f} MiB; stack size "
+              f"{measured['stack_kib']} KiB, reserved, not resident)", "≤ 128 KiB", per_run <= 128)
+
+
+def run(table, counts=(1000, 5000), in_repo: bool = True, rounds: int = ROUNDS) -> dict:
     figures = {}
     if in_repo:  # a thousand only: the thread-per-connection test server is not built for more
         what = "Events side alone, in-repo test server + responder, 1000 runs held 5 s"
@@ -146,35 +200,10 @@ def run(table, counts=(1000, 5000), in_repo: bool = True) -> dict:
             table.add(what, f"failed: {type(exc).__name__}")
     with fast_events(free_port(), [WORKER_TOKEN, EVENTS_TOKEN]) as events_url:
         for count in counts:
-            alone = direct_runs(events_url, EVENTS_TOKEN, count, profile=HOLD, timeout=TIMEOUT)
-            table.add(f"Events side alone, benchmark server (events.py), {count} runs held 5 s", f"{alone:.2f} s")
-            result = through_provider(events_url, count)
-            errors = count - result["ok"]
-            others = {k: v for k, v in result["statuses"].items() if k != 200}
-            if errors or result["crossed"]:
-                table.error(f"capacity {count}", f"{errors} failed {others}, {result['crossed']} crossed")
-            if result["replaced"]:
-                # Its figures measured a restart, not the provider holding the runs.
-                table.error(f"capacity {count}", f"worker(s) {result['replaced']} exited during the run")
-            clean = not errors and not result["crossed"]
-            over = result["wall"] - alone
             first = count == counts[0]
-            table.add(f"capacity: {count} runs held 5 s through the provider (2 workers × {result['threads']} threads)",
-                      f"{result['wall']:.2f} s wall, +{over:.2f} s over the Events side; "
-                      f"{errors} errors{' ' + str(others) if others else ''}, {result['crossed']} crossed",
-                      "≤ +0.4 s, 0 errors, 0 crossed" if first else "0 errors, 0 crossed",
-                      clean and (over <= 0.4 or not first))
-            table.add(f"capacity: peak RSS of all provider processes per in-flight run ({count})",
-                      f"{result['rss_per_run']:.0f} KiB (peak {result['peak_rss'] / 1024:.0f} MiB − "
-                      f"{result['base_rss'] / 1024:.0f} MiB of an idle 32-thread provider; idle with its threads "
-                      f"{result['idle_rss'] / 1024:.0f} MiB; stack size {result['stack_kib']} KiB, reserved, not resident)",
-                      "≤ 128 KiB", result["rss_per_run"] <= 128)
-            split = result["split"]
-            table.add(f"capacity: callers held per worker at peak ({count})",
-                      " / ".join(str(n) for n in split) + f" ({100 * split[0] / max(sum(split), 1):.0f} % on the "
-                      f"busier; run capacity {result['capacity']} per worker)",
-                      "busier ≤ run capacity", split[0] <= result["capacity"])
-            figures[count] = dict(result, alone=alone)
+            print(f"  {count} runs held 5 s:", flush=True)
+            figures[count] = paired_rounds(events_url, count, rounds if first else 1)
+            report(table, count, figures[count], first)
     return figures
 
 

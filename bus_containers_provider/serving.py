@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from gunicorn.app.base import BaseApplication
 
 from . import create_app, start, stop
+from .board import Board
 from .metrics import exporter
 from .worker import ProviderWorker
 
@@ -65,6 +66,13 @@ def worker_exit(server, worker):
         stop(app)
 
 
+def child_exit(server, worker):
+    seat = getattr(worker, "seat", None)
+    if seat is not None:
+        seat.release()  # for its replacement; until now another full worker may have waited for it
+    exporter.child_exit(server, worker)
+
+
 def gunicorn_options(settings) -> dict:
     """gunicorn settings that follow from the provider's Settings."""
 
@@ -78,6 +86,13 @@ def gunicorn_options(settings) -> dict:
         if settings.uses_events and plain_http_off_host(settings.events_url):
             log.warning("the Events API URL %s is plain http to another host: the provider's Events token and every "
                         "run's payload cross the network unencrypted; use https", settings.events_url)
+
+    def pre_fork(server, worker):
+        # The board lives on the arbiter, so workers forked after a reload share it with the ones still running.
+        board = getattr(server, "provider_board", None)
+        if board is None:
+            board = server.provider_board = Board()
+        worker.seat = board.seat(settings.run_capacity)
 
     return {
         "bind": settings.addr,
@@ -101,11 +116,14 @@ def gunicorn_options(settings) -> dict:
         # instances clobber each other, and an admin interface we do not use.
         "control_socket_disable": True,
         "on_starting": on_starting,
+        # Each worker's seat on the board that spreads a burst over the workers (board.py).
+        "pre_fork": pre_fork,
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
-        # The /metrics listener and the workers' metric files (no-ops without --metrics-addr).
+        # The /metrics listener and the workers' metric files (no-ops without --metrics-addr);
+        # child_exit hands the seat back too.
         "when_ready": exporter.when_ready,
-        "child_exit": exporter.child_exit,
+        "child_exit": child_exit,
         "on_exit": exporter.on_exit,
     }
 

@@ -20,6 +20,10 @@ its main thread: it half-closes and then waits up to 2 s for the client to
 close its side, during which nothing else is accepted or dispatched. Here
 that linger (LINGER_SECONDS) happens in the poller too.
 
+A worker whose connections reach its run capacity leaves new ones in the
+kernel's queue while another worker has room (board.py), so a burst that the
+workers can hold together is not refused by one of them.
+
 On SIGTERM the worker closes its listening sockets at once (after taking the
 connections the kernel already queued), so new connections are refused and
 clients fail over, marks the app as draining (/readyz answers 503), and lets
@@ -57,6 +61,9 @@ RETRY_AFTER_SECONDS = 1
 # A graceful close waits this long for the client's FIN (RFC 9112 §9.6), as gunicorn does.
 LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 64 * 1024
+# While this worker leaves connections to another, it looks at the board this often, so it takes
+# them again soon after every worker is full (then non-run requests must still be answered).
+DEFER_POLL_SECONDS = 0.05
 # Starting every request thread at boot is bounded by this (a few thousand take well under a second),
 # well inside gunicorn's worker timeout (30 s): no heartbeat is sent until boot is over.
 THREAD_START_TIMEOUT = 10.0
@@ -143,6 +150,8 @@ class ProviderWorker(ThreadWorker):
     head_timeout = HEAD_TIMEOUT
     max_head_bytes = MAX_HEAD_BYTES
     body_timeout = BODY_TIMEOUT
+    # This worker's seat on the master's board (serving.py, pre_fork); without one it never defers.
+    seat = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -157,12 +166,35 @@ class ProviderWorker(ThreadWorker):
         util.write_error = write_json_error
         super().init_process()
 
+    @property
+    def worker_connections(self) -> int:
+        """The most connections this worker takes now: gunicorn's limit, or what it holds while it defers."""
+        limit, seat = self._connection_limit, self.seat
+        if seat is not None and self.alive and self.nr_conns < limit and seat.full(self.nr_conns):
+            return self.nr_conns
+        return limit
+
+    @worker_connections.setter
+    def worker_connections(self, limit: int) -> None:
+        self._connection_limit = limit
+
+    def wait_for_and_dispatch_events(self, timeout):
+        # Once a turn, after this turn's accepts and closes: the board is never more than a turn behind.
+        if self.seat is not None and self.alive:
+            self.seat.hold(self.nr_conns)
+            if not self._accepting:
+                timeout = min(timeout, DEFER_POLL_SECONDS)
+        super().wait_for_and_dispatch_events(timeout)
+
     def get_thread_pool(self):
         pool = super().get_thread_pool()
         start_threads(pool, self.cfg.threads)
         return pool
 
     def accept(self, listener):
+        # With several listeners readable in one turn, the gate holds from the connection that fills it.
+        if self.nr_conns >= self.worker_connections:
+            return
         try:
             client, addr = listener.accept()
         except OSError as exc:
@@ -320,6 +352,8 @@ class ProviderWorker(ThreadWorker):
     _drain_timer = None
 
     def handle_exit(self, sig, frame):
+        if self.seat is not None:
+            self.seat.leave()  # no other worker may wait for this one to take a connection
         app = getattr(self, "wsgi", None)
         if self.alive and app is not None:
             lifecycle.mark_draining(app)

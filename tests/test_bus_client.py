@@ -358,6 +358,59 @@ def test_sessions_read_no_proxy_or_netrc_from_the_environment(client, monkeypatc
         assert borrowed.trust_env is False
 
 
+class TestUntilWanted:
+    """A stream nobody here waits on is read in batches; a waiter has it read at once again."""
+
+    @staticmethod
+    def waiting(registry, name="a.response"):
+        thread = threading.Thread(target=registry.until_wanted, args=(name, 30), daemon=True)
+        thread.start()
+        return thread
+
+    def test_returns_at_once_while_a_waiter_is_pending(self):
+        registry = ReplyRegistry()
+        registry.register("a.response", "c1")
+        thread = self.waiting(registry)
+        thread.join(10)
+        assert not thread.is_alive()
+
+    def test_a_waiter_registering_ends_the_wait_and_only_on_its_own_stream(self):
+        registry = ReplyRegistry()
+        thread = self.waiting(registry)
+        registry.register("other.response", "c0")
+        thread.join(0.2)
+        assert thread.is_alive(), "a waiter on another stream is not this stream's"
+        registry.register("a.response", "c1")
+        thread.join(10)
+        assert not thread.is_alive()
+
+    @pytest.mark.parametrize("end", ["discard", "resolve", "mark_down"])
+    def test_once_the_last_waiter_is_gone_the_stream_waits_again(self, end):
+        registry = ReplyRegistry()
+        first, second = registry.register("a.response", "c1"), registry.register("a.response", "c2")
+        for waiter in (first, second):
+            if end == "discard":
+                registry.discard(waiter)
+            elif end == "resolve":
+                registry.resolve("a.response", {"correlationId": waiter.correlation_id, "payload": {}})
+        if end == "mark_down":
+            registry.mark_down("a.response", "test")
+            registry.mark_up("a.response")
+        thread = self.waiting(registry)
+        thread.join(0.2)
+        assert thread.is_alive()
+        registry.register("a.response", "c3")
+        thread.join(10)
+        assert not thread.is_alive()
+
+    def test_the_wait_ends_after_its_timeout(self):
+        registry = ReplyRegistry()
+        thread = threading.Thread(target=registry.until_wanted, args=("a.response", 0.01))
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
 class TestCancelWatch:
     def test_one_thread_cancels_only_the_waits_whose_caller_left(self):
         from bus_containers_provider.bus.replies import CancelWatch, Waiter

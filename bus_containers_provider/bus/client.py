@@ -209,11 +209,13 @@ class EventsClient:
 
 
 def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None,
-              unwanted: Callable[[bytes], bool] = lambda line: False) -> Iterator[dict]:
+              unwanted: Callable[[bytes], bool] = lambda line: False,
+              before_read: Callable[[], None] = lambda: None) -> Iterator[dict]:
     """Envelopes read from a stream's raw body until it ends; `touched` is called for every chunk read.
 
     A line for which `unwanted` is true is dropped unparsed (the registry's
     check for another process's reply: cheaper than json.loads of a whole result).
+    `before_read` may hold the next read back, so that lines nobody waits for are read in batches.
 
     A read timeout is a quiet end. A line over MAX_LINE_BYTES is dropped while
     it is read, never held whole, and the stream carries on after it.
@@ -222,6 +224,7 @@ def envelopes(raw, name: str, touched: Callable[[], None] = lambda: None,
     # decode_unicode would split JSON strings on U+2028.
     line, discarding = bytearray(), False
     while True:
+        before_read()
         try:
             chunk = raw.read1(READ_CHUNK)
         except urllib3.exceptions.ReadTimeoutError:

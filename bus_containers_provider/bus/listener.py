@@ -14,6 +14,10 @@ log = logging.getLogger(__name__)
 OVERLAP_SECONDS = 1.0
 # A catch-up checks this often (in envelopes read) whether anything it looks for still waits.
 CATCH_UP_CHECK_EVERY = 256
+# While nothing in this process waits on a stream, it is read this often, in batches: every process
+# gets every reply, and waking for each one that is another's cost more than reading it. A request
+# that registers a waiter has it read at once again, before its own publish.
+BATCH_READ_SECONDS = 0.05
 
 
 class _Reader(threading.Thread):
@@ -32,7 +36,8 @@ class _Reader(threading.Thread):
 
     def run(self) -> None:
         try:
-            for envelope in envelopes(self._response.raw, self.reply_name, self._touch, self._registry.unwanted):
+            for envelope in envelopes(self._response.raw, self.reply_name, self._touch, self._registry.unwanted,
+                                      self._until_wanted):
                 self._registry.resolve(self.reply_name, envelope)
         except EventsError as exc:
             if not self._closing:
@@ -48,6 +53,10 @@ class _Reader(threading.Thread):
 
     def _touch(self) -> None:
         self.last_read = time.monotonic()
+
+    def _until_wanted(self) -> None:
+        if not self._closing:
+            self._registry.until_wanted(self.reply_name, BATCH_READ_SECONDS)
 
     def close(self) -> None:
         self._closing = True

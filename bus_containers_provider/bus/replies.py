@@ -143,6 +143,8 @@ class ReplyRegistry:
         self._down: Dict[str, str] = {}
         self._ended: "OrderedDict[str, str]" = OrderedDict()  # correlation id -> ANSWERED | EXPIRED
         self._watch = CancelWatch()
+        self._counts: Dict[str, int] = {}  # reply name -> waiters pending on it
+        self._wanted: Dict[str, threading.Event] = {}  # reply name -> set while any waiter is pending
 
     def register(self, reply_name: str, correlation_id: str, on_reply=None) -> Waiter:
         """Add a waiter (before publishing, so a fast reply finds it); refuse while the reply stream is down.
@@ -154,15 +156,39 @@ class ReplyRegistry:
             reason = self._down.get(reply_name)
             if reason is None:
                 self._waiters[correlation_id] = waiter
+                first = self._count(reply_name, 1) == 1
+                wanted = self._wanted_event(reply_name) if first else None
         if reason is not None:
             raise ListenerDown(f"the {reply_name} listener is not connected ({reason})")
+        if first and not wanted.is_set():
+            wanted.set()  # a stream read in batches is read at once again, before the request is published
         return waiter
+
+    def _count(self, reply_name: str, change: int) -> int:
+        count = self._counts[reply_name] = self._counts.get(reply_name, 0) + change
+        return count
+
+    def _wanted_event(self, reply_name: str) -> threading.Event:
+        wanted = self._wanted.get(reply_name)
+        if wanted is None:
+            wanted = self._wanted[reply_name] = threading.Event()
+        return wanted
+
+    def until_wanted(self, reply_name: str, timeout: float) -> None:
+        """Return at once while a waiter on `reply_name` is pending; else when one registers, or after `timeout`."""
+        with self._lock:
+            if self._counts.get(reply_name):
+                return
+            wanted = self._wanted_event(reply_name)
+            wanted.clear()
+        wanted.wait(timeout)
 
     def discard(self, waiter: Waiter) -> None:
         """End a wait on every path; one that ended without its reply is remembered as expired."""
         with self._lock:
             if self._waiters.get(waiter.correlation_id) is waiter:
                 del self._waiters[waiter.correlation_id]
+                self._count(waiter.reply_name, -1)
                 self._remember(waiter.correlation_id, ANSWERED if waiter.answered else EXPIRED)
 
     def resolve(self, reply_name: str, envelope: dict) -> bool:
@@ -178,6 +204,7 @@ class ReplyRegistry:
                     self._remember(correlation_id, ANSWERED)  # log a late reply once, not per copy
             else:
                 del self._waiters[correlation_id]
+                self._count(reply_name, -1)
                 self._remember(correlation_id, ANSWERED)
         if waiter is None or waiter.reply_name != reply_name:
             if late:
@@ -231,6 +258,7 @@ class ReplyRegistry:
             failed = [w for w in self._waiters.values() if w.reply_name == reply_name] if fail_waiting else []
             for waiter in failed:
                 del self._waiters[waiter.correlation_id]
+                self._count(reply_name, -1)
                 self._remember(waiter.correlation_id, EXPIRED)
         for waiter in failed:
             waiter._complete(error=error)
