@@ -28,7 +28,7 @@ PARTS = {
     "gunicorn: parse the request, write the answer": ("ThreadWorker.handle",),
     "Flask: the request, its hooks and the view": ("Flask.wsgi_app",),
     "the view (create_run): schema, controls, the run": ("create_run",),
-    "publishing the run request (bus/publisher.py)": ("EventsClient.publish",),
+    "publishing the run request (requests)": ("EventsClient.publish",),
     "waiting for the reply, woken": ("Waiter.wait",),
     "reading reply streams (bus/listener.py)": ("_Reader.run",),
     "marshmallow (load and dump)": ("Schema.load", "Schema.dump"),
