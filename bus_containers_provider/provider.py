@@ -10,7 +10,7 @@ from .backends import Backend, RunRequest, create_backend
 from .billing import EventsBilling, NoBilling
 from .config import Settings
 from .controls import RunControls, fingerprint, never
-from .errors import Conflict, StateUnavailable
+from .errors import Conflict, StateUnavailable, Unavailable
 from .logs import backend_timer
 from .prefer import NONE, Preferences
 from .records import POLL_HINT, Answer, RunRecords, item
@@ -64,6 +64,10 @@ class Provider:
 
         Detached runs too, unless another process sharing the store can adopt them.
         """
+        if self.settings.state_url:
+            # Foreground runs still waiting are left to another process, like detached ones: cancelled,
+            # a retry with their key would run them a second time.
+            self.records.hand_over_waits.set()
         self.draining.set()
         if not self.settings.state_url:
             self.records.cancel_detached("the provider is shutting down")
@@ -87,6 +91,9 @@ class Provider:
         remembered; once it is handed over its record has the answer, and the
         key points at the record.
         """
+        if self.draining.is_set():
+            # Past the shutdown grace nothing new is handed over: it would be cancelled at once.
+            raise Unavailable("the provider is shutting down; try again or another host")
         controls, account = self.controls, run.owner_account_id
         # Only a key compares bodies: without one, canonical JSON and a hash per run buy nothing.
         body_fingerprint = fingerprint(run.body) if idempotency_key is not None else None
