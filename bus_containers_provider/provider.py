@@ -10,7 +10,7 @@ from .backends import Backend, RunRequest, create_backend
 from .billing import EventsBilling, NoBilling
 from .config import Settings
 from .controls import RunControls, fingerprint, never
-from .errors import Conflict, StateUnavailable
+from .errors import Conflict, StateUnavailable, Unavailable
 from .logs import backend_timer
 from .prefer import NONE, Preferences
 from .records import POLL_HINT, Answer, RunRecords, item
@@ -64,6 +64,10 @@ class Provider:
 
         Detached runs too, unless another process sharing the store can adopt them.
         """
+        if self.settings.state_url:
+            # Foreground runs still waiting are left to another process, like detached ones: cancelled,
+            # a retry with their key would run them a second time.
+            self.records.hand_over_waits.set()
         self.draining.set()
         if not self.settings.state_url:
             self.records.cancel_detached("the provider is shutting down")
@@ -87,6 +91,9 @@ class Provider:
         remembered; once it is handed over its record has the answer, and the
         key points at the record.
         """
+        if self.draining.is_set():
+            # Past the shutdown grace nothing new is handed over: it would be cancelled at once.
+            raise Unavailable("the provider is shutting down; try again or another host")
         controls, account = self.controls, run.owner_account_id
         # Only a key compares bodies: without one, canonical JSON and a hash per run buy nothing.
         body_fingerprint = fingerprint(run.body) if idempotency_key is not None else None
@@ -170,8 +177,12 @@ class Provider:
     # -- reads and deletes -----------------------------------------------------
 
     def read_run(self, account: str, run_id: str, wait: Optional[int] = None):
-        """(item, headers) of one of the caller's runs: from its record, else from the backend (§3)."""
-        record = self._record_of(account, run_id)
+        """(item, headers) of one of the caller's runs: from its record, else from the backend (§3).
+
+        With the store away, a run held here is read from its record; any other read is a 503 (the
+        backend's item of a run with a record would lack its result), never a 404 or a partial item.
+        """
+        record = self._record_of(account, run_id, strict=True)
         if record is None:
             return self.backend.get_run(account, run_id), {}
         headers = {}
@@ -208,15 +219,18 @@ class Provider:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _record_of(self, account: str, run_id: str) -> Optional[dict]:
+    def _record_of(self, account: str, run_id: str, strict: bool = False) -> Optional[dict]:
         """The caller's record of `run_id`; another account's is as absent as a missing one, so both are
-        answered the same way (by the backend: 404), with no wait and nothing that tells them apart."""
+        answered the same way (by the backend: 404), with no wait and nothing that tells them apart.
+
+        With the store away: the record this process holds, if any; else, `strict`, the store's 503.
+        """
         try:
             record = self.records.read(run_id)
         except StateUnavailable:
-            # §7: reads and deletes still work while the store is down: from the record when this process
-            # holds it, else as the backend answers them.
             record = self.records.held(run_id)
+            if record is None and strict:
+                raise
         return record if record is not None and record["owner_account_id"] == account else None
 
     def _usage_now(self, run: RunRequest) -> None:

@@ -134,6 +134,9 @@ class RunRecords:
         self._live: Dict[str, Live] = {}
         self._deadlines = []  # heap of (deadline, run_id) of records no request thread waits for
         self._stopping = threading.Event()
+        # Set when the shutdown grace ends with a shared store: a foreground wait that ends then leaves its
+        # run to another process instead of cancelling it (its retry or a read gets the result).
+        self.hand_over_waits = threading.Event()
         self._thread = None
         self._completers = None
 
@@ -232,6 +235,9 @@ class RunRecords:
         """Turn the reply (or its absence by the deadline) into the run's answer, and finish the record."""
         reply, error = live.reply or (None, None)
         record, now = live.record, time.time()
+        if isinstance(error, RunCancelled) and self.hand_over_waits.is_set():
+            self._leave(live)
+            return
         if isinstance(error, RunCancelled):
             # Its caller went away or the provider is stopping: not the user's choice, so a retry with
             # its key may run it again; a caller still connected is told to retry (503).
@@ -259,6 +265,29 @@ class RunRecords:
             usage = (RUN_FINISHED, {"duration_ms": result["duration_ms"], "exit_code": result["exit_code"],
                                     "image": result["image"], "status": result["status"]})
         self._finish(live, Answer(200, run_answer_schema.dump(result)), *usage)
+
+    def _leave(self, live: Live) -> None:
+        """Stopping with a shared store: the run carries on, and another process adopts its record at once.
+
+        Its caller, if still connected, is told so (503): a retry with its key waits for that same
+        run, never a second one.
+        """
+        with self._lock:
+            if live.finishing or live.cancelling:
+                return
+            live.finishing = True
+        self.backend.release(live.handle)
+        self._uncount(live)
+        self._untrack(live)
+        try:
+            self.store.hold_runs([live.run_id], 0)
+        except StateUnavailable:
+            log.warning("run %s is adopted once its lease passes", live.run_id)  # pragma: no mutate
+        log.info("run %s left for another process to finish", live.run_id)  # pragma: no mutate
+        live.answer = Answer.of_error(Unavailable(
+            "the provider is shutting down; the run carries on: read it, or retry with its Idempotency-Key"),
+            live.run_id)
+        live.done.set()
 
     def _cancel(self, live: Live, answer: Answer, reason: str, drop_key: bool = False) -> None:
         """Nobody will read this run's result: bill nobody for it, stop it, forget it (with `drop_key`, its key too)."""

@@ -103,10 +103,17 @@ def test_store_down_refuses_runs_and_nothing_else(events_server, responder, redi
         assert ready.status_code == 503 and "state" in ready.json()["error"]["message"]
         status = requests.get(f"{provider.url}/api/v1/containers/status", headers=bearer(), timeout=10)
         assert status.status_code == 200
+        # A run with a record is read from it (§9): with the store away, a 503 to retry, never the backend's
+        # item without its result; the list still answers from the backend.
         read = requests.get(f"{provider.url}{RUNS}/{first.json()['run_id']}", headers=bearer(), timeout=10)
-        assert read.status_code == 200
+        assert read.status_code == 503 and read.json()["error"]["type"] == "unavailable"
+        assert int(read.headers["Retry-After"]) >= 1
+        assert requests.get(f"{provider.url}{RUNS}", headers=bearer(), timeout=10).status_code == 200
         redis_store.start()
         assert requests.get(f"{provider.url}/readyz", timeout=10).status_code == 200
+        # (this store keeps nothing across a restart: the run reads from the backend again)
+        assert requests.get(f"{provider.url}{RUNS}/{first.json()['run_id']}", headers=bearer(),
+                            timeout=10).status_code == 200
         assert run(provider.url, held(0), key="while-down").status_code == 200
 
 

@@ -351,3 +351,17 @@ def test_while_the_store_is_away_a_read_of_a_run_held_here_is_answered_from_it()
     read = app.test_client().get("/api/v1/containers/runs/run_1", headers=bearer("acct-a"))
     assert read.status_code == 200 and read.get_json()["state"] == "running"
     assert live.run_id == "run_1"
+
+
+def test_stopping_with_a_shared_store_leaves_a_waiting_foreground_run_to_another_process():
+    store = MemoryStore()
+    leaving, staying = Process(store), Process(store)
+    key = leaving.controls.claim("acct-a", "k", "fp", "run_1")
+    live = leaving.open(detached=False, key=key)
+    leaving.records.hand_over_waits.set()  # the shutdown grace is over (Provider.drain, with --state-url)
+    answer = leaving.records.wait(live, gone=lambda: "the provider is shutting down")
+    assert answer.status == 503 and answer.body["error"]["details"] == {"run_id": "run_1"}
+    # Not cancelled: no delete request, no usage record, the key still names the run, and it is adoptable now.
+    assert leaving.backend.cancelled == [] and leaving.usage.records == []
+    assert leaving.controls.claim("acct-a", "k", "fp", "run_2").bound == "run_1"
+    assert staying.records._adopt() is True and staying.backend.adopted == [live.record["correlation_id"]]
