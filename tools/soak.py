@@ -32,7 +32,8 @@ to arrive. Logs go to SOAK_LOG_DIR (default /tmp/bus-containers-soak):
 provider-1.log, provider-2.log, and soak-runs.jsonl (every logical run with
 every attempt), soak-faults.log, soak-evidence.txt (each missed target's runs).
 SOAK_APPENDONLY=no runs Redis without its append-only file, to show what a
-store without persistence loses on a restart.
+store without persistence loses on a restart. SIGTERM or SIGINT ends it early,
+without a report, after stopping every process it started.
 """
 import collections
 import concurrent.futures
@@ -385,7 +386,8 @@ class Chaos:
 
     def join(self, timeout):
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # not started when the soak was stopped during start-up
+            self._thread.join(timeout)
         self._log_file.close()
 
     def _schedule(self, cycle):
@@ -433,8 +435,23 @@ class Chaos:
         self._say(f"  provider {provider.number} ready again")
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: the soak ends early, and still stops every process it started."""
+
+
+def interrupt(signum, frame):
+    # The providers run in sessions of their own, so a signal to the soak's process group never
+    # reaches them: unless the soak stops them itself, they outlive it. A second signal is ignored
+    # so that it cannot cut that cleanup short.
+    for each in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(each, signal.SIG_IGN)
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)  # the chaos makes the test servers' warnings expected
+    for each in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(each, interrupt)
     seconds = float(os.environ.get("SOAK_SECONDS", "120"))
     log_dir = Path(os.environ.get("SOAK_LOG_DIR", "/tmp/bus-containers-soak"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -448,31 +465,38 @@ def main() -> int:
     runs, harness_errors = [], []
     stop_at = started + seconds
     chaos = Chaos(events, store, providers, started, log_dir / "soak-faults.log")
+    aborted = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(FOREGROUND_CLIENTS + DETACHED_CLIENTS)
+
+    def client(kind):
+        calls = Client(providers, answers, lambda run: 0 if aborted.is_set() else run.started + RUN_DEADLINE)
+        try:
+            while time.monotonic() < stop_at and not aborted.is_set():
+                run = LogicalRun(kind, random.choice(ACCOUNTS))
+                runs.append(run)
+                try:
+                    getattr(calls, kind)(run)
+                except Exception:  # the soak's own fault: shown, counted, and the client goes on
+                    logging.exception("soak client failed on run %s", run.nonce)
+                    harness_errors.append(run)
+        finally:
+            calls.close()
+
     try:
         for provider in providers:
             provider.start()
         chaos.start(stop_at)
-        with concurrent.futures.ThreadPoolExecutor(FOREGROUND_CLIENTS + DETACHED_CLIENTS) as pool:
-            def client(kind):
-                calls = Client(providers, answers, lambda run: run.started + RUN_DEADLINE)
-                try:
-                    while time.monotonic() < stop_at:
-                        run = LogicalRun(kind, random.choice(ACCOUNTS))
-                        runs.append(run)
-                        try:
-                            getattr(calls, kind)(run)
-                        except Exception:  # the soak's own fault: shown, counted, and the client goes on
-                            logging.exception("soak client failed on run %s", run.nonce)
-                            harness_errors.append(run)
-                finally:
-                    calls.close()
-
-            kinds = ["foreground"] * FOREGROUND_CLIENTS + ["detached"] * DETACHED_CLIENTS
-            for future in [pool.submit(client, kind) for kind in kinds]:
-                future.result()
-        chaos.join(60)
+        kinds = ["foreground"] * FOREGROUND_CLIENTS + ["detached"] * DETACHED_CLIENTS
+        for future in [pool.submit(client, kind) for kind in kinds]:
+            future.result()
         settle_usage(responder, events)
+    except Interrupted as signal_name:
+        print(f"soak: stopped by {signal_name} after {time.monotonic() - started:.0f} s; no report", file=sys.stderr)
+        return 1
     finally:
+        aborted.set()  # clients end after the call in hand, which every timeout bounds
+        pool.shutdown(wait=False, cancel_futures=True)
+        chaos.join(60)
         for provider in providers:
             provider.close()
         responder.stop()
