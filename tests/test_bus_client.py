@@ -403,6 +403,15 @@ class TestUntilWanted:
         thread.join(10)
         assert not thread.is_alive()
 
+    def test_wake_ends_the_wait_at_once(self):
+        registry = ReplyRegistry()
+        thread = self.waiting(registry)
+        thread.join(0.2)
+        assert thread.is_alive()
+        registry.wake("a.response")
+        thread.join(10)
+        assert not thread.is_alive()
+
     def test_the_wait_ends_after_its_timeout(self):
         registry = ReplyRegistry()
         thread = threading.Thread(target=registry.until_wanted, args=("a.response", 0.01))

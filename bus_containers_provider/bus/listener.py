@@ -61,6 +61,7 @@ class _Reader(threading.Thread):
     def close(self) -> None:
         self._closing = True
         _shutdown(self._response)
+        self._registry.wake(self.reply_name)  # a reader between batches ends now, not after its wait
 
 
 class Listener(threading.Thread):

@@ -174,6 +174,12 @@ class ReplyRegistry:
             wanted = self._wanted[reply_name] = threading.Event()
         return wanted
 
+    def wake(self, reply_name: str) -> None:
+        """End every until_wanted on `reply_name` now (a reader being closed must not sleep out its batch)."""
+        with self._lock:
+            wanted = self._wanted_event(reply_name)
+        wanted.set()
+
     def until_wanted(self, reply_name: str, timeout: float) -> None:
         """Return at once while a waiter on `reply_name` is pending; else when one registers, or after `timeout`."""
         with self._lock:
